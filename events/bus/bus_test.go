@@ -1,0 +1,102 @@
+package bus_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/bus"
+	"github.com/loomctl/loom/events/bus/bustest"
+)
+
+func seal(t *testing.T, name string, index int, prev []byte) (events.Envelope, []byte) {
+	t.Helper()
+	origin := events.Origin{Actor: "test", CommandID: "cmd-" + name, Time: time.Unix(1700000000, 0)}
+	env, data, err := events.Seal(events.HostRegistered{CPU: 4, MemoryMiB: 4096}, events.KindHost, name, origin, index, prev)
+	if err != nil {
+		t.Fatalf("seal: %v", err)
+	}
+	return env, data
+}
+
+func TestAppend_OptimisticConcurrency(t *testing.T) {
+	b := bustest.Start(t)
+	ctx := context.Background()
+	subject := events.EventSubject(events.KindHost, "h1")
+
+	env, data := seal(t, "h1", 0, nil)
+	first, err := bus.Append(ctx, b.JS, subject, &env, data, 0, "id-0")
+	if err != nil {
+		t.Fatalf("first append: %v", err)
+	}
+	// A writer that read the subject while it was empty must now lose.
+	env2, data2 := seal(t, "h1", 1, events.Hash(data))
+	if _, err := bus.Append(ctx, b.JS, subject, &env2, data2, 0, "id-1"); !errors.Is(err, bus.ErrWrongLastSeq) {
+		t.Fatalf("stale append: err=%v, want ErrWrongLastSeq", err)
+	}
+	second, err := bus.Append(ctx, b.JS, subject, &env2, data2, first.Seq, "id-1")
+	if err != nil || second.Seq <= first.Seq {
+		t.Fatalf("append after first: seq=%d err=%v", second.Seq, err)
+	}
+	// A retry with the same Nats-Msg-Id is reported as a duplicate of the
+	// original, whatever sequence it expected.
+	dup, err := bus.Append(ctx, b.JS, subject, &env2, data2, second.Seq, "id-1")
+	if err != nil || !dup.Duplicate || dup.Seq != second.Seq {
+		t.Fatalf("duplicate: %+v err=%v, want duplicate of %d", dup, err, second.Seq)
+	}
+
+	last, err := bus.LastOnSubject(ctx, b.Conn, events.StreamEvents, subject)
+	if err != nil {
+		t.Fatalf("last: %v", err)
+	}
+	if last.Seq != second.Seq || string(last.Data) != string(data2) || last.Header.Get(events.HeaderType) != "host.registered" {
+		t.Fatalf("last = seq %d type %q, want seq %d host.registered", last.Seq, last.Header.Get(events.HeaderType), second.Seq)
+	}
+	if _, err := bus.LastOnSubject(ctx, b.Conn, events.StreamEvents, "loom.evt.host.nobody"); !errors.Is(err, bus.ErrNoMessage) {
+		t.Fatalf("last of empty subject: err=%v, want ErrNoMessage", err)
+	}
+}
+
+func TestEnsureStreams_IdempotentAndGuarded(t *testing.T) {
+	b := bustest.Start(t)
+	ctx := context.Background()
+	if err := bus.EnsureStreams(ctx, b.JS, bus.StreamsConfig{}); err != nil {
+		t.Fatalf("second ensure: %v", err)
+	}
+	stream, err := b.JS.Stream(ctx, events.StreamEvents)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := stream.CachedInfo().Config
+	if !cfg.DenyDelete || !cfg.DenyPurge || cfg.MaxAge != 0 || cfg.Duplicates < 2*time.Minute || !cfg.AllowAtomicPublish {
+		t.Fatalf("LOOM_EVENTS settings: %+v", cfg)
+	}
+	// Someone loosens the system of record: ensure puts it back.
+	cfg.MaxAge = time.Hour
+	if _, err := b.JS.UpdateStream(ctx, cfg); err != nil {
+		t.Fatalf("loosen: %v", err)
+	}
+	if err := bus.EnsureStreams(ctx, b.JS, bus.StreamsConfig{}); err != nil {
+		t.Fatalf("ensure after loosening: %v", err)
+	}
+	stream, _ = b.JS.Stream(ctx, events.StreamEvents)
+	if got := stream.CachedInfo().Config.MaxAge; got != 0 {
+		t.Fatalf("max age after ensure = %v, want 0", got)
+	}
+	// A stream stored in memory cannot become file-backed: refuse.
+	if err := b.JS.DeleteStream(ctx, events.StreamGoals); err != nil {
+		t.Fatal(err)
+	}
+	mem := bus.StreamConfigs(bus.StreamsConfig{Memory: true})[1]
+	if _, err := b.JS.CreateStream(ctx, mem); err != nil {
+		t.Fatal(err)
+	}
+	if err := bus.EnsureStreams(ctx, b.JS, bus.StreamsConfig{}); !errors.Is(err, bus.ErrStreamSettings) {
+		t.Fatalf("ensure over memory stream: err=%v, want ErrStreamSettings", err)
+	}
+	var _ jetstream.JetStream = b.JS
+}

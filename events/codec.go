@@ -1,0 +1,91 @@
+package events
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	"github.com/vmihailenco/msgpack/v5"
+)
+
+// Marshal encodes v as deterministic msgpack: map keys sorted, integers and
+// floats in their most compact form, struct fields in declaration order.
+// The same value always gives the same bytes, which is what hashes need.
+func Marshal(v any) ([]byte, error) {
+	var buf bytes.Buffer
+	enc := msgpack.NewEncoder(&buf)
+	enc.SetSortMapKeys(true)
+	enc.UseCompactInts(true)
+	enc.UseCompactFloats(true)
+	if err := enc.Encode(v); err != nil {
+		return nil, fmt.Errorf("msgpack encode %T: %w", v, err)
+	}
+	return buf.Bytes(), nil
+}
+
+// Unmarshal decodes msgpack data into v. Unknown fields are ignored, so a
+// reader tolerates fields added by a newer writer of the same version.
+func Unmarshal(data []byte, v any) error {
+	if err := msgpack.Unmarshal(data, v); err != nil {
+		return fmt.Errorf("msgpack decode %T: %w", v, err)
+	}
+	return nil
+}
+
+// Format is the encoding of a request or reply body.
+type Format int
+
+const (
+	// FormatMsgpack is Loom's own wire format.
+	FormatMsgpack Format = iota
+	// FormatJSON is accepted so that people can use `nats req` by hand.
+	FormatJSON
+)
+
+// SniffFormat tells JSON from msgpack by the first byte: a JSON object opens
+// with '{' (after optional whitespace), which as a msgpack byte would be a
+// positive fixint, never a valid request body.
+func SniffFormat(data []byte) Format {
+	trimmed := bytes.TrimLeft(data, " \t\r\n")
+	if len(trimmed) > 0 && trimmed[0] == '{' {
+		return FormatJSON
+	}
+	return FormatMsgpack
+}
+
+// DecodeStrict decodes a body from outside (a command or a query) in the
+// given format and rejects unknown fields, so a misspelled field is an error
+// rather than a silently missing value.
+func DecodeStrict(format Format, data []byte, v any) error {
+	if len(bytes.TrimSpace(data)) == 0 {
+		return errors.New("empty body")
+	}
+	switch format {
+	case FormatJSON:
+		dec := json.NewDecoder(bytes.NewReader(data))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(v); err != nil {
+			return fmt.Errorf("json: %w", err)
+		}
+		if dec.More() {
+			return errors.New("json: trailing data after the object")
+		}
+		return nil
+	default:
+		dec := msgpack.NewDecoder(bytes.NewReader(data))
+		dec.DisallowUnknownFields(true)
+		if err := dec.Decode(v); err != nil {
+			return fmt.Errorf("msgpack: %w", err)
+		}
+		return nil
+	}
+}
+
+// EncodeAs encodes a reply in the format its request came in.
+func EncodeAs(format Format, v any) ([]byte, error) {
+	if format == FormatJSON {
+		return json.Marshal(v)
+	}
+	return Marshal(v)
+}

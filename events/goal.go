@@ -1,0 +1,50 @@
+package events
+
+// Goal is the document on loom.goal.<host>.<vm>: what the VM's host must
+// make true. It is rebuilt from the VM's decisions, never edited.
+type Goal struct {
+	VM   string `msgpack:"vm" json:"vm"`
+	UID  string `msgpack:"uid" json:"uid"`
+	Host string `msgpack:"host" json:"host"`
+	// Desired is the state to reach; AbsentReason says why when absent.
+	Desired      Desired `msgpack:"desired" json:"desired"`
+	AbsentReason string  `msgpack:"absent_reason,omitempty" json:"absent_reason,omitempty"`
+	// Incarnation is the stream sequence of the decision that produced this
+	// goal. A goal subject's incarnation only grows, and agents act only on
+	// incarnations above the one they last reported.
+	Incarnation uint64 `msgpack:"incarnation" json:"incarnation"`
+	// Spec is the domain to run.
+	Spec DomainSpec `msgpack:"spec" json:"spec"`
+}
+
+// DomainSpec is what a host needs to define the VM's domain.
+type DomainSpec struct {
+	Image     string `msgpack:"image" json:"image"`
+	CPU       int    `msgpack:"cpu" json:"cpu"`
+	MemoryMiB int    `msgpack:"mem_mib" json:"mem_mib"`
+}
+
+// GoalOf is the goal a VM's state implies, and whether it has one: a VM
+// has a goal from its placement until it is gone.
+func GoalOf(s *VMState) (Goal, bool) {
+	if s.Incarnation == 0 || s.Host == "" || (s.Phase != PhasePlaced && s.Phase != PhaseDeleting) {
+		return Goal{}, false
+	}
+	return Goal{
+		VM: s.Name, UID: s.UID, Host: s.Host,
+		Desired: s.Desired, AbsentReason: s.AbsentReason,
+		Incarnation: s.Incarnation,
+		Spec:        DomainSpec{Image: s.Image, CPU: s.CPU, MemoryMiB: s.MemoryMiB},
+	}, true
+}
+
+// Renewal is a host agent's liveness renewal on loom.live.<host>. Each is
+// published with the subject sequence of the previous one, so renewals form
+// a chain that a lost marker can break.
+type Renewal struct {
+	Host string `msgpack:"host" json:"host"`
+	// TTLMillis is how long the renewal keeps the host alive.
+	TTLMillis int64 `msgpack:"ttl_ms" json:"ttl_ms"`
+	// Agent identifies the agent process (its start ULID).
+	Agent string `msgpack:"agent" json:"agent"`
+}

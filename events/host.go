@@ -1,0 +1,145 @@
+package events
+
+import (
+	"errors"
+	"fmt"
+)
+
+// Host event types.
+const (
+	TypeHostRegistered Type = "host.registered"
+	TypeHostCordoned   Type = "host.cordoned"
+	TypeHostUncordoned Type = "host.uncordoned"
+	TypeHostAllocated  Type = "host.allocated"
+	TypeHostReleased   Type = "host.released"
+)
+
+// HostRegistered records a host joining the fleet with its capacity.
+type HostRegistered struct {
+	CPU       int               `msgpack:"cpu" json:"cpu"`
+	MemoryMiB int               `msgpack:"mem_mib" json:"mem_mib"`
+	Address   string            `msgpack:"addr,omitempty" json:"addr,omitempty"`
+	Labels    map[string]string `msgpack:"labels,omitempty" json:"labels,omitempty"`
+}
+
+// HostCordoned records that no new VM may be placed on the host.
+type HostCordoned struct {
+	Reason string `msgpack:"reason,omitempty" json:"reason,omitempty"`
+}
+
+// HostUncordoned records that the host takes new VMs again.
+type HostUncordoned struct{}
+
+// HostAllocated reserves a VM's CPU and memory on the host. The host's
+// subject is the one place capacity is decided, so two allocations can
+// never both take the last free core.
+type HostAllocated struct {
+	VM        string `msgpack:"vm" json:"vm"`
+	UID       string `msgpack:"uid" json:"uid"`
+	CPU       int    `msgpack:"cpu" json:"cpu"`
+	MemoryMiB int    `msgpack:"mem_mib" json:"mem_mib"`
+}
+
+// HostReleased gives a VM's allocation back.
+type HostReleased struct {
+	VM     string `msgpack:"vm" json:"vm"`
+	UID    string `msgpack:"uid" json:"uid"`
+	Reason string `msgpack:"reason" json:"reason"`
+}
+
+func (HostRegistered) EventType() Type { return TypeHostRegistered }
+func (HostCordoned) EventType() Type   { return TypeHostCordoned }
+func (HostUncordoned) EventType() Type { return TypeHostUncordoned }
+func (HostAllocated) EventType() Type  { return TypeHostAllocated }
+func (HostReleased) EventType() Type   { return TypeHostReleased }
+
+// Allocation is one VM's share of a host.
+type Allocation struct {
+	UID       string `msgpack:"uid" json:"uid"`
+	CPU       int    `msgpack:"cpu" json:"cpu"`
+	MemoryMiB int    `msgpack:"mem_mib" json:"mem_mib"`
+	// CommandID is the command that allocated it.
+	CommandID string `msgpack:"cmd" json:"cmd"`
+	// Seq is the stream sequence of the host.allocated event.
+	Seq uint64 `msgpack:"seq" json:"seq"`
+}
+
+// HostState is a host aggregate folded from its events.
+type HostState struct {
+	Name         string            `msgpack:"name" json:"name"`
+	Registered   bool              `msgpack:"registered" json:"registered"`
+	CPU          int               `msgpack:"cpu" json:"cpu"`
+	MemoryMiB    int               `msgpack:"mem_mib" json:"mem_mib"`
+	Address      string            `msgpack:"addr,omitempty" json:"addr,omitempty"`
+	Labels       map[string]string `msgpack:"labels,omitempty" json:"labels,omitempty"`
+	Cordoned     bool              `msgpack:"cordoned,omitempty" json:"cordoned,omitempty"`
+	CordonReason string            `msgpack:"cordon_reason,omitempty" json:"cordon_reason,omitempty"`
+	// Allocations by VM name.
+	Allocations map[string]Allocation `msgpack:"allocs,omitempty" json:"allocations,omitempty"`
+	// RegisteredBy is the command that registered the host.
+	RegisteredBy string `msgpack:"registered_by,omitempty" json:"registered_by,omitempty"`
+	// Orphans are domains the host's agent found that no goal names, by name.
+	Orphans map[string]HostOrphanFound `msgpack:"orphans,omitempty" json:"orphans,omitempty"`
+}
+
+// Used sums the host's allocations.
+func (h *HostState) Used() (cpu, memoryMiB int) {
+	for _, a := range h.Allocations {
+		cpu += a.CPU
+		memoryMiB += a.MemoryMiB
+	}
+	return cpu, memoryMiB
+}
+
+// Free is the capacity not allocated.
+func (h *HostState) Free() (cpu, memoryMiB int) {
+	usedCPU, usedMem := h.Used()
+	return h.CPU - usedCPU, h.MemoryMiB - usedMem
+}
+
+// Fits tells whether a VM of that size can be placed on the host now.
+func (h *HostState) Fits(cpu, memoryMiB int) bool {
+	freeCPU, freeMem := h.Free()
+	return h.Registered && !h.Cordoned && cpu <= freeCPU && memoryMiB <= freeMem
+}
+
+// Apply folds one event of the host's subject into the state.
+func (h *HostState) Apply(rec *Record) error {
+	if rec.Envelope.Kind != KindHost {
+		return fmt.Errorf("host %s: event %s of kind %s", h.Name, rec.Envelope.Type, rec.Envelope.Kind)
+	}
+	h.Name = rec.Envelope.AggregateID
+	switch ev := rec.Event.(type) {
+	case HostRegistered:
+		h.Registered = true
+		h.CPU, h.MemoryMiB, h.Address = ev.CPU, ev.MemoryMiB, ev.Address
+		h.Labels = ev.Labels
+		h.RegisteredBy = rec.Envelope.CommandID
+	case HostCordoned:
+		h.Cordoned, h.CordonReason = true, ev.Reason
+	case HostUncordoned:
+		h.Cordoned, h.CordonReason = false, ""
+	case HostAllocated:
+		if h.Allocations == nil {
+			h.Allocations = make(map[string]Allocation)
+		}
+		h.Allocations[ev.VM] = Allocation{UID: ev.UID, CPU: ev.CPU, MemoryMiB: ev.MemoryMiB,
+			CommandID: rec.Envelope.CommandID, Seq: rec.Seq}
+	case HostReleased:
+		if a, ok := h.Allocations[ev.VM]; ok && a.UID == ev.UID {
+			delete(h.Allocations, ev.VM)
+		}
+	case HostOrphanFound:
+		if h.Orphans == nil {
+			h.Orphans = make(map[string]HostOrphanFound)
+		}
+		h.Orphans[ev.Domain] = ev
+	case HostOrphanCleared:
+		delete(h.Orphans, ev.Domain)
+	default:
+		return fmt.Errorf("host %s: %w %s", h.Name, errNotForAggregate, rec.Envelope.Type)
+	}
+	return nil
+}
+
+var errNotForAggregate = errors.New("event type does not apply to this aggregate")

@@ -1,0 +1,188 @@
+package events
+
+import "fmt"
+
+// VM event types.
+const (
+	TypeVMCreated     Type = "vm.created"
+	TypeVMPlaced      Type = "vm.placed"
+	TypeVMGoalChanged Type = "vm.goal_changed"
+	TypeVMDeleted     Type = "vm.deleted"
+)
+
+// Desired is the state a goal asks a VM to be in.
+type Desired string
+
+// The desired states.
+const (
+	DesiredRunning Desired = "running"
+	DesiredPaused  Desired = "paused"
+	DesiredStopped Desired = "stopped"
+	DesiredAbsent  Desired = "absent"
+)
+
+// Valid tells whether d is one of the desired states.
+func (d Desired) Valid() bool {
+	switch d {
+	case DesiredRunning, DesiredPaused, DesiredStopped, DesiredAbsent:
+		return true
+	}
+	return false
+}
+
+// Reasons a goal says absent.
+const (
+	AbsentDeleted  = "deleted"
+	AbsentMigrated = "migrated"
+	AbsentHostLost = "host-lost"
+)
+
+// VMCreated records a new VM (a new incarnation of a name) and its spec.
+// It does not place it: vm.placed does, after the host allocated it.
+type VMCreated struct {
+	UID       string  `msgpack:"uid" json:"uid"`
+	Image     string  `msgpack:"image" json:"image"`
+	CPU       int     `msgpack:"cpu" json:"cpu"`
+	MemoryMiB int     `msgpack:"mem_mib" json:"mem_mib"`
+	Desired   Desired `msgpack:"desired" json:"desired"`
+}
+
+// VMPlaced binds the VM to a host whose allocation for it is at
+// AllocationSeq on the host's subject. The goal follows from here.
+type VMPlaced struct {
+	UID           string `msgpack:"uid" json:"uid"`
+	Host          string `msgpack:"host" json:"host"`
+	AllocationSeq uint64 `msgpack:"alloc_seq" json:"alloc_seq"`
+}
+
+// VMGoalChanged records a new desired state for a VM that exists.
+type VMGoalChanged struct {
+	UID     string  `msgpack:"uid" json:"uid"`
+	Desired Desired `msgpack:"desired" json:"desired"`
+}
+
+// VMDeleted records that the VM must go: its goal becomes absent.
+type VMDeleted struct {
+	UID    string `msgpack:"uid" json:"uid"`
+	Reason string `msgpack:"reason" json:"reason"`
+}
+
+func (VMCreated) EventType() Type     { return TypeVMCreated }
+func (VMPlaced) EventType() Type      { return TypeVMPlaced }
+func (VMGoalChanged) EventType() Type { return TypeVMGoalChanged }
+func (VMDeleted) EventType() Type     { return TypeVMDeleted }
+
+// Phase is where a VM is in its life.
+type Phase string
+
+// The phases.
+const (
+	PhaseNone     Phase = ""         // never created, or gone
+	PhasePending  Phase = "pending"  // created, not yet placed
+	PhasePlaced   Phase = "placed"   // on a host, goal published
+	PhaseDeleting Phase = "deleting" // deleted, the agent has not yet reported it gone
+	PhaseGone     Phase = "gone"     // deleted and reported absent
+)
+
+// VMState is a VM aggregate folded from its decision events and its host's
+// observations of it.
+type VMState struct {
+	Name      string  `msgpack:"name" json:"name"`
+	UID       string  `msgpack:"uid,omitempty" json:"uid,omitempty"`
+	Phase     Phase   `msgpack:"phase,omitempty" json:"phase,omitempty"`
+	Image     string  `msgpack:"image,omitempty" json:"image,omitempty"`
+	CPU       int     `msgpack:"cpu,omitempty" json:"cpu,omitempty"`
+	MemoryMiB int     `msgpack:"mem_mib,omitempty" json:"mem_mib,omitempty"`
+	Host      string  `msgpack:"host,omitempty" json:"host,omitempty"`
+	Desired   Desired `msgpack:"desired,omitempty" json:"desired,omitempty"`
+	// AbsentReason says why Desired is absent.
+	AbsentReason string `msgpack:"absent_reason,omitempty" json:"absent_reason,omitempty"`
+	// CreatedBy is the command that created this incarnation.
+	CreatedBy string `msgpack:"created_by,omitempty" json:"created_by,omitempty"`
+	// Incarnation is the stream sequence of the decision that produced the
+	// current goal; zero while no goal exists.
+	Incarnation uint64 `msgpack:"incarnation,omitempty" json:"incarnation,omitempty"`
+	// Observed is the host agent's last report.
+	Observed Observation `msgpack:"observed" json:"observed"`
+}
+
+// Observation is what a host agent last reported of a VM.
+type Observation struct {
+	Host        string        `msgpack:"host,omitempty" json:"host,omitempty"`
+	Incarnation uint64        `msgpack:"incarnation,omitempty" json:"incarnation,omitempty"`
+	State       ObservedState `msgpack:"state,omitempty" json:"state,omitempty"`
+	Fault       *Fault        `msgpack:"fault,omitempty" json:"fault,omitempty"`
+	// Seq is the stream sequence of the observation.
+	Seq uint64 `msgpack:"seq,omitempty" json:"seq,omitempty"`
+	// Time is the agent's clock at the observation, Unix nanoseconds.
+	Time int64 `msgpack:"time,omitempty" json:"time,omitempty"`
+}
+
+// Exists tells whether the name is taken by a live incarnation.
+func (s *VMState) Exists() bool {
+	return s.Phase != PhaseNone && s.Phase != PhaseGone
+}
+
+// Converged tells whether the agent has reported the current goal done.
+func (s *VMState) Converged() bool {
+	if s.Incarnation == 0 {
+		return false
+	}
+	return s.Observed.Incarnation == s.Incarnation && s.Observed.State.Satisfies(s.Desired)
+}
+
+// Apply folds one event into the state: a decision on loom.evt.vm.<name>, or
+// an observation on loom.obs.<host>.vm.<name>.
+func (s *VMState) Apply(rec *Record) error {
+	if rec.Envelope.Kind != KindVM {
+		return fmt.Errorf("vm %s: event %s of kind %s", s.Name, rec.Envelope.Type, rec.Envelope.Kind)
+	}
+	s.Name = rec.Envelope.AggregateID
+	switch ev := rec.Event.(type) {
+	case VMCreated:
+		*s = VMState{Name: s.Name, UID: ev.UID, Phase: PhasePending, Image: ev.Image, CPU: ev.CPU,
+			MemoryMiB: ev.MemoryMiB, Desired: ev.Desired, CreatedBy: rec.Envelope.CommandID}
+	case VMPlaced:
+		if ev.UID == s.UID {
+			s.Host, s.Phase, s.Incarnation = ev.Host, PhasePlaced, rec.Seq
+		}
+	case VMGoalChanged:
+		if ev.UID == s.UID {
+			s.Desired = ev.Desired
+			if s.Phase == PhasePlaced {
+				s.Incarnation = rec.Seq
+			}
+		}
+	case VMDeleted:
+		if ev.UID == s.UID {
+			s.Desired, s.AbsentReason = DesiredAbsent, ev.Reason
+			if s.Phase == PhasePending {
+				s.Phase = PhaseGone // never placed: nothing on any host to wait for
+			} else {
+				s.Phase, s.Incarnation = PhaseDeleting, rec.Seq
+			}
+		}
+	case VMObserved:
+		s.applyObservation(rec, ev)
+	case VMProgress:
+		// Progress is for people watching; it changes no state.
+	default:
+		return fmt.Errorf("vm %s: %w %s", s.Name, errNotForAggregate, rec.Envelope.Type)
+	}
+	return nil
+}
+
+func (s *VMState) applyObservation(rec *Record, ev VMObserved) {
+	addr, err := ParseEventSubject(rec.Subject)
+	if err != nil || !addr.Observed || ev.UID != s.UID || addr.Host != s.Host {
+		return // another incarnation, or a host the VM is not on: not about this VM
+	}
+	if ev.Incarnation < s.Observed.Incarnation {
+		return
+	}
+	s.Observed = Observation{Host: addr.Host, Incarnation: ev.Incarnation, State: ev.State, Fault: ev.Fault,
+		Seq: rec.Seq, Time: rec.Envelope.Time}
+	if s.Phase == PhaseDeleting && ev.State == ObservedAbsent && ev.Incarnation >= s.Incarnation {
+		s.Phase = PhaseGone
+	}
+}
