@@ -100,3 +100,36 @@ func TestEnsureStreams_IdempotentAndGuarded(t *testing.T) {
 	}
 	var _ jetstream.JetStream = b.JS
 }
+
+func TestLastPerSubject(t *testing.T) {
+	b := bustest.Start(t)
+	ctx := context.Background()
+	if got, err := bus.LastPerSubject(ctx, b.JS, events.StreamGoals, events.HostGoals("h1")); err != nil || len(got) != 0 {
+		t.Fatalf("empty snapshot = %v, %v", got, err)
+	}
+	for i, vm := range []string{"a", "b", "a", "c", "a"} {
+		if _, err := b.JS.Publish(ctx, events.GoalSubject("h1", vm), []byte{byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := b.JS.Publish(ctx, events.GoalSubject("h2", "z"), []byte{9}); err != nil {
+		t.Fatal(err)
+	}
+	got, err := bus.LastPerSubject(ctx, b.JS, events.StreamGoals, events.HostGoals("h1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	last := map[string]byte{}
+	for _, m := range got {
+		last[m.Subject] = m.Data[0]
+	}
+	want := map[string]byte{"loom.goal.h1.a": 4, "loom.goal.h1.b": 1, "loom.goal.h1.c": 3}
+	if len(last) != len(want) {
+		t.Fatalf("snapshot = %v, want %v", last, want)
+	}
+	for k, v := range want {
+		if last[k] != v {
+			t.Fatalf("snapshot = %v, want %v", last, want)
+		}
+	}
+}

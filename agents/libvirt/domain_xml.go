@@ -1,0 +1,280 @@
+package libvirt
+
+import (
+	"encoding/xml"
+	"fmt"
+	"slices"
+	"strings"
+	"unicode/utf8"
+)
+
+// Defaults applied to zero DomainSpec fields.
+const (
+	DefaultVCPUs     = 1
+	DefaultMemoryMiB = 128
+)
+
+// MetadataNamespace is the XML namespace of Loom's element inside a domain's
+// <metadata>. Other tools' metadata in other namespaces is left alone.
+const MetadataNamespace = "https://loomctl.dev/xmlns/domain/1"
+
+// metadataPrefix is the prefix Loom's metadata element is written with.
+const metadataPrefix = "loom"
+
+// DomainSpec is what Define turns into domain XML. The XML is valid for both
+// the test and the QEMU driver.
+type DomainSpec struct {
+	// Name is the libvirt domain name; see ValidateName.
+	Name string
+	// UUID identifies the domain. Zero keeps the UUID of an existing domain of
+	// the same name, or lets libvirt pick one for a new domain.
+	UUID [16]byte
+	// VCPUs is the number of virtual CPUs; 0 means DefaultVCPUs.
+	VCPUs int
+	// MemoryMiB is the guest memory; 0 means DefaultMemoryMiB.
+	MemoryMiB int
+	// Metadata is Loom's own key/values, stored under MetadataNamespace and
+	// returned by Lookup, List and Metadata. Keys must not be empty.
+	Metadata map[string]string
+	// DiskPath optionally attaches a file as virtio disk vda; a ".qcow2"
+	// suffix selects qcow2, anything else raw.
+	DiskPath string
+}
+
+// domainXML is the subset of libvirt's domain schema Loom writes.
+type domainXML struct {
+	XMLName    xml.Name     `xml:"domain"`
+	Type       string       `xml:"type,attr"`
+	Name       string       `xml:"name"`
+	UUID       string       `xml:"uuid,omitempty"`
+	Metadata   *metadataXML `xml:"metadata,omitempty"`
+	Memory     memoryXML    `xml:"memory"`
+	VCPU       int          `xml:"vcpu"`
+	OS         osXML        `xml:"os"`
+	Features   featuresXML  `xml:"features"`
+	OnPoweroff string       `xml:"on_poweroff"`
+	OnReboot   string       `xml:"on_reboot"`
+	OnCrash    string       `xml:"on_crash"`
+	Devices    devicesXML   `xml:"devices"`
+}
+
+type memoryXML struct {
+	Unit  string `xml:"unit,attr"`
+	Value int    `xml:",chardata"`
+}
+
+type osXML struct {
+	Type osTypeXML `xml:"type"`
+}
+
+type osTypeXML struct {
+	Arch  string `xml:"arch,attr"`
+	Value string `xml:",chardata"`
+}
+
+// featuresXML turns on ACPI so Shutdown reaches QEMU guests.
+type featuresXML struct {
+	ACPI struct{} `xml:"acpi"`
+}
+
+type devicesXML struct {
+	Disks []diskXML `xml:"disk"`
+}
+
+type diskXML struct {
+	Type   string `xml:"type,attr"`
+	Device string `xml:"device,attr"`
+	Driver struct {
+		Name string `xml:"name,attr"`
+		Type string `xml:"type,attr"`
+	} `xml:"driver"`
+	Source struct {
+		File string `xml:"file,attr"`
+	} `xml:"source"`
+	Target struct {
+		Dev string `xml:"dev,attr"`
+		Bus string `xml:"bus,attr"`
+	} `xml:"target"`
+}
+
+// metadataXML is <metadata> holding Loom's element. encoding/xml cannot
+// choose prefixes, so the prefixed names are written literally; libvirt keeps
+// them as given.
+type metadataXML struct {
+	Loom loomMetadataXML `xml:"loom:vm"`
+}
+
+type loomMetadataXML struct {
+	XMLName   xml.Name       `xml:"loom:vm"`
+	Namespace string         `xml:"xmlns:loom,attr"`
+	Entries   []loomEntryXML `xml:"loom:entry"`
+}
+
+type loomEntryXML struct {
+	Key   string `xml:"key,attr"`
+	Value string `xml:",chardata"`
+}
+
+// buildDomainXML renders spec as domain XML of the given type ("test" or
+// "qemu"). spec.Name must already be valid.
+func buildDomainXML(typ string, spec DomainSpec) (string, error) {
+	if spec.VCPUs < 0 || spec.MemoryMiB < 0 {
+		return "", fmt.Errorf("%w: vcpus %d and memory %d MiB must not be negative", ErrInvalidSpec, spec.VCPUs, spec.MemoryMiB)
+	}
+	if err := checkXMLText("disk path", spec.DiskPath); err != nil {
+		return "", err
+	}
+	metadata, err := buildMetadata(spec.Metadata)
+	if err != nil {
+		return "", err
+	}
+	d := domainXML{
+		Type:       typ,
+		Name:       spec.Name,
+		Metadata:   metadata,
+		Memory:     memoryXML{Unit: "MiB", Value: orDefault(spec.MemoryMiB, DefaultMemoryMiB)},
+		VCPU:       orDefault(spec.VCPUs, DefaultVCPUs),
+		OS:         osXML{Type: osTypeXML{Arch: "x86_64", Value: "hvm"}},
+		OnPoweroff: "destroy",
+		OnReboot:   "restart",
+		OnCrash:    "destroy",
+	}
+	if spec.UUID != ([16]byte{}) {
+		d.UUID = formatUUID(spec.UUID)
+	}
+	if spec.DiskPath != "" {
+		d.Devices.Disks = []diskXML{buildDisk(spec.DiskPath)}
+	}
+	out, err := xml.MarshalIndent(d, "", "  ")
+	if err != nil {
+		return "", fmt.Errorf("%w: %w", ErrInvalidSpec, err)
+	}
+	return string(out), nil
+}
+
+func buildDisk(path string) diskXML {
+	disk := diskXML{Type: "file", Device: "disk"}
+	disk.Driver.Name = "qemu"
+	disk.Driver.Type = "raw"
+	if strings.HasSuffix(path, ".qcow2") {
+		disk.Driver.Type = "qcow2"
+	}
+	disk.Source.File = path
+	disk.Target.Dev = "vda"
+	disk.Target.Bus = "virtio"
+	return disk
+}
+
+// buildMetadata renders Loom's key/values with keys sorted, or nil if empty.
+func buildMetadata(kv map[string]string) (*metadataXML, error) {
+	if len(kv) == 0 {
+		return nil, nil
+	}
+	keys := make([]string, 0, len(kv))
+	for key := range kv {
+		keys = append(keys, key)
+	}
+	slices.Sort(keys)
+	m := &metadataXML{Loom: loomMetadataXML{Namespace: MetadataNamespace}}
+	for _, key := range keys {
+		if key == "" {
+			return nil, fmt.Errorf("%w: empty metadata key", ErrInvalidSpec)
+		}
+		if err := checkXMLText("metadata key", key); err != nil {
+			return nil, err
+		}
+		if err := checkXMLText("metadata value of "+key, kv[key]); err != nil {
+			return nil, err
+		}
+		m.Loom.Entries = append(m.Loom.Entries, loomEntryXML{Key: key, Value: kv[key]})
+	}
+	return m, nil
+}
+
+// buildMetadataElement renders Loom's element for set-metadata, or "" if kv
+// is empty. It carries no namespace: set-metadata adds the one it is given
+// and fails if the element already declares it.
+func buildMetadataElement(kv map[string]string) (string, error) {
+	m, err := buildMetadata(kv)
+	if err != nil || m == nil {
+		return "", err
+	}
+	bare := struct {
+		XMLName xml.Name       `xml:"vm"`
+		Entries []loomEntryXML `xml:"entry"`
+	}{Entries: m.Loom.Entries}
+	out, err := xml.Marshal(bare)
+	if err != nil {
+		return "", fmt.Errorf("%w: %w", ErrInvalidSpec, err)
+	}
+	return string(out), nil
+}
+
+// parseMetadata reads Loom's element as returned by libvirt's get-metadata,
+// which strips the namespace; a namespaced element (any prefix) is accepted
+// too. Entries in other namespaces are ignored.
+func parseMetadata(element string) (map[string]string, error) {
+	var parsed struct {
+		XMLName xml.Name
+		Entries []struct {
+			XMLName xml.Name
+			Key     string `xml:"key,attr"`
+			Value   string `xml:",chardata"`
+		} `xml:"entry"`
+	}
+	if err := xml.Unmarshal([]byte(element), &parsed); err != nil {
+		return nil, fmt.Errorf("parse loom metadata: %w", err)
+	}
+	if !loomSpace(parsed.XMLName.Space) {
+		return nil, fmt.Errorf("parse loom metadata: root element in namespace %q, want %q", parsed.XMLName.Space, MetadataNamespace)
+	}
+	var kv map[string]string
+	for _, entry := range parsed.Entries {
+		if !loomSpace(entry.XMLName.Space) {
+			continue
+		}
+		if kv == nil {
+			kv = make(map[string]string, len(parsed.Entries))
+		}
+		kv[entry.Key] = entry.Value
+	}
+	return kv, nil
+}
+
+// loomSpace reports whether an element in namespace space is Loom's.
+func loomSpace(space string) bool {
+	return space == "" || space == MetadataNamespace
+}
+
+// checkXMLText rejects strings XML 1.0 cannot carry. encoding/xml would
+// silently replace them, and the value read back would differ.
+func checkXMLText(what, s string) error {
+	for i, r := range s {
+		if r == utf8.RuneError && !strings.HasPrefix(s[i:], "\uFFFD") {
+			return fmt.Errorf("%w: %s is not valid UTF-8 at byte %d", ErrInvalidSpec, what, i)
+		}
+		if !xmlChar(r) {
+			return fmt.Errorf("%w: %s holds %U at byte %d, which XML cannot carry", ErrInvalidSpec, what, r, i)
+		}
+	}
+	return nil
+}
+
+// xmlChar reports whether r is in XML 1.0's Char production.
+func xmlChar(r rune) bool {
+	return r == '\t' || r == '\n' || r == '\r' ||
+		r >= 0x20 && r <= 0xD7FF ||
+		r >= 0xE000 && r <= 0xFFFD ||
+		r >= 0x10000 && r <= 0x10FFFF
+}
+
+func formatUUID(u [16]byte) string {
+	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
+}
+
+func orDefault(v, def int) int {
+	if v == 0 {
+		return def
+	}
+	return v
+}
