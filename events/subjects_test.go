@@ -58,7 +58,8 @@ func TestValidateName(t *testing.T) {
 }
 
 func TestDerivedIDs_Deterministic(t *testing.T) {
-	if MsgID("a", "c", 0) != MsgID("a", "c", 0) || MsgID("a", "c", 0) == MsgID("a", "c", 1) || MsgID("a", "c", 0) == MsgID("b", "c", 0) {
+	first, again := MsgID("a", "c", 0), MsgID("a", "c", 0)
+	if first != again || first == MsgID("a", "c", 1) || first == MsgID("b", "c", 0) {
 		t.Fatal("MsgID must be a function of (actor, command, index) only")
 	}
 	// Separators matter: ("ab","c") and ("a","bc") are different commands.

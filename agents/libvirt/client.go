@@ -152,7 +152,7 @@ func (d *trackedDialer) Dial() (net.Conn, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.aborted {
-		conn.Close()
+		_ = conn.Close() // aborted while dialing: the caller gets ErrClosed either way
 		return nil, net.ErrClosed
 	}
 	d.conn = conn
@@ -165,6 +165,6 @@ func (d *trackedDialer) abort() {
 	defer d.mu.Unlock()
 	d.aborted = true
 	if d.conn != nil {
-		d.conn.Close()
+		_ = d.conn.Close() // unblocks any RPC stuck on a wedged daemon; nothing to do on error
 	}
 }

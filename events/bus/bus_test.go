@@ -6,8 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
-
 	"github.com/loomctl/loom/events"
 	"github.com/loomctl/loom/events/bus"
 	"github.com/loomctl/loom/events/bus/bustest"
@@ -98,7 +96,6 @@ func TestEnsureStreams_IdempotentAndGuarded(t *testing.T) {
 	if err := bus.EnsureStreams(ctx, b.JS, bus.StreamsConfig{}); !errors.Is(err, bus.ErrStreamSettings) {
 		t.Fatalf("ensure over memory stream: err=%v, want ErrStreamSettings", err)
 	}
-	var _ jetstream.JetStream = b.JS
 }
 
 func TestLastPerSubject(t *testing.T) {
