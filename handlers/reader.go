@@ -1,0 +1,36 @@
+package handlers
+
+import (
+	"context"
+
+	"github.com/loomctl/loom/events"
+)
+
+// Reader is what the handlers need of the read side. cmd passes the
+// projections; tests pass an in-memory fold of the stream.
+//
+// A read may lag the stream, never lead it: whatever a Reader returns
+// reflects a prefix of LOOM_EVENTS in stream order. The handlers never trust
+// a read for safety (every append is checked against the subject's last
+// sequence), only for deciding what to try.
+type Reader interface {
+	// VM is the named VM's state and the head of loom.evt.vm.<name>; the
+	// zero state and zero Head when the name was never used.
+	VM(ctx context.Context, name string) (events.VMState, events.Head, error)
+	// Host is the named host's state and the head of loom.evt.host.<name>;
+	// the zero state and zero Head when it was never registered.
+	Host(ctx context.Context, name string) (events.HostState, events.Head, error)
+	// Image is the named image's state and the head of its subject; the
+	// zero state and zero Head when it was never registered.
+	Image(ctx context.Context, name string) (events.ImageState, events.Head, error)
+	// Hosts lists every host the read model knows.
+	Hosts(ctx context.Context) ([]events.HostState, error)
+	// AllVMs lists every VM the read model knows, gone ones included.
+	AllVMs(ctx context.Context) ([]events.VMState, error)
+	// CommandResult is what the command (actor, commandID) appended, in
+	// stream order, and whether it appended anything.
+	CommandResult(ctx context.Context, actor, commandID string) ([]events.Appended, bool, error)
+	// WaitFor returns once the read model has applied stream sequence seq,
+	// or with ctx's error.
+	WaitFor(ctx context.Context, seq uint64) error
+}
