@@ -1,0 +1,71 @@
+package agents
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics are the agent's Prometheus collectors. They are registered by
+// whoever calls Collectors, never globally.
+type metrics struct {
+	// actions counts libvirt steps by kind (define, start, ...) and result.
+	actions *prometheus.CounterVec
+	// observations counts events published, by type.
+	observations *prometheus.CounterVec
+	// reconcileSeconds times reconciles that reached libvirtd, by result.
+	reconcileSeconds *prometheus.HistogramVec
+	// renewals counts liveness renewals by result (ok, rejected, error).
+	renewals *prometheus.CounterVec
+	// conflicts counts appends rejected because someone else wrote an
+	// agent-owned subject.
+	conflicts prometheus.Counter
+	// connected is 1 while the agent holds a connection to libvirtd.
+	connected prometheus.Gauge
+}
+
+func newMetrics(host string) *metrics {
+	labels := prometheus.Labels{"host": host}
+	return &metrics{
+		actions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "loom", Subsystem: "agent", Name: "actions_total", ConstLabels: labels,
+			Help: "Libvirt steps the agent took, by kind and result.",
+		}, []string{"kind", "result"}),
+		observations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "loom", Subsystem: "agent", Name: "observations_published_total", ConstLabels: labels,
+			Help: "Observation events the agent published, by event type.",
+		}, []string{"type"}),
+		reconcileSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: "loom", Subsystem: "agent", Name: "reconcile_duration_seconds", ConstLabels: labels,
+			Help:    "Time to reconcile one VM with its goal, by result (ok, error, requeued).",
+			Buckets: prometheus.ExponentialBuckets(0.001, 4, 10),
+		}, []string{"result"}),
+		renewals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "loom", Subsystem: "agent", Name: "liveness_renewals_total", ConstLabels: labels,
+			Help: "Liveness renewals, by result (ok, rejected, error).",
+		}, []string{"result"}),
+		conflicts: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "loom", Subsystem: "agent", Name: "subject_conflicts_total", ConstLabels: labels,
+			Help: "Appends rejected because someone else wrote a subject only this agent should write.",
+		}),
+		connected: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "loom", Subsystem: "agent", Name: "libvirt_connected", ConstLabels: labels,
+			Help: "1 while the agent holds a connection to libvirtd.",
+		}),
+	}
+}
+
+// action counts one libvirt step.
+func (m *metrics) action(s step, err error) {
+	result := "ok"
+	if err != nil {
+		result = "error"
+	}
+	m.actions.WithLabelValues(string(s), result).Inc()
+}
+
+// Collectors returns the agent's Prometheus collectors, for the caller to
+// register; the agent registers nothing itself. Every collector carries a
+// constant "host" label.
+func (a *Agent) Collectors() []prometheus.Collector {
+	m := a.metrics
+	return []prometheus.Collector{m.actions, m.observations, m.reconcileSeconds, m.renewals, m.conflicts, m.connected}
+}

@@ -1,0 +1,348 @@
+package agents
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/loomctl/loom/agents/libvirt"
+	"github.com/loomctl/loom/events"
+)
+
+// step is one libvirt verb the agent takes on a domain.
+type step string
+
+// The steps. stepShutdown asks the guest to power off, waits up to
+// Config.StopGrace and then destroys the domain if it is still up.
+const (
+	stepDefine   step = "define"
+	stepStart    step = "start"
+	stepResume   step = "resume"
+	stepSuspend  step = "suspend"
+	stepShutdown step = "shutdown"
+	stepDestroy  step = "destroy"
+	stepUndefine step = "undefine"
+)
+
+// Outcomes of a reconcile that are not failures.
+var (
+	// errNotConverged means the steps ran but the domain is not there yet
+	// (it is changing state on its own): look again after a backoff.
+	errNotConverged = errors.New("domain not in the desired state yet")
+	// errGoalChanged means a newer goal arrived mid-step: start over with it.
+	errGoalChanged = errors.New("goal changed")
+	// errHeld means the VM was requeued for later on purpose.
+	errHeld = errors.New("held back")
+)
+
+// plan lists the steps that take a domain to desired. found says whether the
+// domain exists, state is its state and current whether its metadata names
+// the goal. No steps means the domain is there, or is changing state on its
+// own and must be looked at again later.
+func plan(desired events.Desired, found bool, state libvirt.State, current bool) []step {
+	if desired == events.DesiredAbsent {
+		switch {
+		case !found:
+			return nil
+		case state == libvirt.StateShutoff:
+			return []step{stepUndefine}
+		default:
+			return []step{stepDestroy, stepUndefine}
+		}
+	}
+	var steps []step
+	if !found || !current {
+		steps = append(steps, stepDefine)
+	}
+	if !found {
+		state = libvirt.StateShutoff
+	}
+	switch desired {
+	case events.DesiredRunning:
+		switch state {
+		case libvirt.StateShutoff:
+			steps = append(steps, stepStart)
+		case libvirt.StatePaused, libvirt.StatePMSuspended:
+			steps = append(steps, stepResume)
+		case libvirt.StateCrashed:
+			steps = append(steps, stepDestroy, stepStart)
+		}
+	case events.DesiredPaused:
+		switch state {
+		case libvirt.StateShutoff:
+			steps = append(steps, stepStart, stepSuspend)
+		case libvirt.StateRunning, libvirt.StateBlocked, libvirt.StateNoState:
+			steps = append(steps, stepSuspend)
+		case libvirt.StateCrashed:
+			steps = append(steps, stepDestroy, stepStart, stepSuspend)
+		}
+	case events.DesiredStopped:
+		switch state {
+		case libvirt.StateRunning, libvirt.StateBlocked, libvirt.StateShutdown, libvirt.StateNoState:
+			steps = append(steps, stepShutdown)
+		case libvirt.StatePaused, libvirt.StatePMSuspended, libvirt.StateCrashed:
+			// A paused guest cannot act on a power-off request: no grace.
+			steps = append(steps, stepDestroy)
+		}
+	}
+	return steps
+}
+
+// reconcile brings one VM's domain to its goal and reports the outcome.
+// The queue guarantees that no other worker holds the VM meanwhile.
+func (a *Agent) reconcile(ctx context.Context, name string) {
+	a.mu.Lock()
+	v, ok := a.vms[name]
+	if !ok || !v.hasGoal {
+		a.mu.Unlock()
+		return
+	}
+	rec := *v
+	a.mu.Unlock()
+	if time.Now().Before(rec.holdUntil) {
+		a.queue.add(name, rec.holdUntil)
+		return
+	}
+
+	started := time.Now()
+	connected, err := a.reconcileGoal(ctx, name, rec)
+	if ctx.Err() != nil {
+		return
+	}
+	result := "ok"
+	var retryAt time.Time
+	a.mu.Lock()
+	switch {
+	case v.goal.Incarnation != rec.goal.Incarnation:
+		result = "requeued" // a newer goal came in meanwhile and is queued
+	case err == nil:
+		v.failures, v.holdUntil = 0, time.Time{}
+	case errors.Is(err, errHeld), errors.Is(err, errGoalChanged):
+		result = "requeued"
+	default:
+		result = "error"
+		v.failures++
+		v.holdUntil = time.Now().Add(a.backoff(v.failures))
+		retryAt = v.holdUntil
+	}
+	failures := v.failures
+	a.mu.Unlock()
+
+	if !retryAt.IsZero() {
+		a.queue.add(name, retryAt)
+		if failures&(failures-1) == 0 { // 1, 2, 4, 8, ...: fewer lines as it keeps failing
+			a.log.Warn("reconcile; will retry", logVM, name, logErr, err, logFailures, failures, logRetryIn, time.Until(retryAt).Round(time.Millisecond))
+		}
+	}
+	if connected {
+		a.metrics.reconcileSeconds.WithLabelValues(result).Observe(time.Since(started).Seconds())
+		if a.onReconciled != nil {
+			a.onReconciled(name)
+		}
+	}
+}
+
+// reconcileGoal does the work of reconcile on a copy of the VM's record.
+// connected says whether libvirtd was reachable to look.
+func (a *Agent) reconcileGoal(ctx context.Context, name string, v vmRecord) (connected bool, err error) {
+	goal := v.goal
+	uuid, err := parseUUID(goal.UID)
+	if err != nil {
+		return false, a.observe(ctx, name, failed(goal, events.Errorf(events.CodeInvalidArgument, "goal uid: %v", err)))
+	}
+	hv, down := a.hypervisor()
+	if hv == nil {
+		if down && !converged(v) {
+			return false, a.observe(ctx, name, failed(goal, unavailableFault()))
+		}
+		return false, nil // connecting: the connection queues every VM
+	}
+
+	dom, found, err := lookup(ctx, hv, name)
+	if err != nil {
+		return true, a.fail(ctx, name, goal, err)
+	}
+	if found && dom.UUID != uuid {
+		return true, a.observe(ctx, name, failed(goal, events.Errorf(events.CodeDomainMismatch,
+			"domain %s has UUID %s, not the VM's %s; the agent leaves it alone", name, formatUUID(dom.UUID), goal.UID)))
+	}
+	seen := observedState(dom, found)
+	if drifted(v, seen) {
+		// The domain changed by itself: say so, then put it back.
+		unrequested := events.VMObserved{UID: goal.UID, Incarnation: goal.Incarnation, State: seen, Unrequested: true}
+		if err := a.observe(ctx, name, unrequested); err != nil {
+			return true, err
+		}
+		if hold := a.noteDrift(name); hold > 0 {
+			a.log.Warn("domain keeps changing by itself; backing off", logVM, name, logState, seen, logRetryIn, hold)
+			a.queue.add(name, time.Now().Add(hold))
+			return true, errHeld
+		}
+	}
+
+	if steps := plan(goal.Desired, found, dom.State, found && metadataCurrent(dom, goal)); len(steps) > 0 {
+		a.mu.Lock()
+		a.vms[name].acted = true
+		a.mu.Unlock()
+		if err := a.execute(ctx, hv, goal, uuid, steps); err != nil {
+			return true, a.fail(ctx, name, goal, err)
+		}
+		if dom, found, err = lookup(ctx, hv, name); err != nil {
+			return true, a.fail(ctx, name, goal, err)
+		}
+		seen = observedState(dom, found)
+	}
+	if err := a.observe(ctx, name, events.VMObserved{UID: goal.UID, Incarnation: goal.Incarnation, State: seen}); err != nil {
+		return true, err
+	}
+	if !seen.Satisfies(goal.Desired) {
+		return true, errNotConverged
+	}
+	return true, nil
+}
+
+// execute runs steps on goal's domain in order, stopping at the first error.
+func (a *Agent) execute(ctx context.Context, hv Hypervisor, goal events.Goal, uuid [16]byte, steps []step) error {
+	for _, s := range steps {
+		var err error
+		switch s {
+		case stepDefine:
+			err = hv.Define(ctx, domainSpec(goal, uuid))
+		case stepStart:
+			err = hv.Start(ctx, goal.VM)
+		case stepResume:
+			err = hv.Resume(ctx, goal.VM)
+		case stepSuspend:
+			err = hv.Suspend(ctx, goal.VM)
+		case stepDestroy:
+			err = hv.Destroy(ctx, goal.VM)
+		case stepUndefine:
+			err = hv.Undefine(ctx, goal.VM)
+		case stepShutdown:
+			if err := a.stop(ctx, hv, goal); err != nil {
+				return err
+			}
+			continue // stop counts its own actions
+		}
+		a.metrics.action(s, err)
+		if err != nil {
+			return err
+		}
+		a.log.Debug("action", logVM, goal.VM, "step", s, logIncarnation, goal.Incarnation)
+	}
+	return nil
+}
+
+// stop asks the guest to power off, gives it Config.StopGrace, and destroys
+// the domain if it is still up then.
+func (a *Agent) stop(ctx context.Context, hv Hypervisor, goal events.Goal) error {
+	err := hv.Shutdown(ctx, goal.VM)
+	a.metrics.action(stepShutdown, err)
+	switch {
+	case err != nil && (ctx.Err() != nil || unavailable(err)):
+		return err
+	case err != nil:
+		a.log.Warn("shutdown refused; destroying", logVM, goal.VM, logErr, err)
+	default:
+		off, err := a.awaitShutoff(ctx, hv, goal)
+		if err != nil || off {
+			return err
+		}
+		a.log.Info("guest did not power off in time; destroying", logVM, goal.VM, "grace", a.cfg.StopGrace)
+	}
+	err = hv.Destroy(ctx, goal.VM)
+	a.metrics.action(stepDestroy, err)
+	return err
+}
+
+// awaitShutoff waits up to Config.StopGrace for goal's domain to be shut
+// off, reporting progress once a second. off is false when the grace ran out.
+func (a *Agent) awaitShutoff(ctx context.Context, hv Hypervisor, goal events.Goal) (off bool, err error) {
+	grace := a.cfg.StopGrace
+	poll := min(max(grace/20, 10*time.Millisecond), 250*time.Millisecond)
+	started := time.Now()
+	for {
+		dom, found, err := lookup(ctx, hv, goal.VM)
+		if err != nil {
+			return false, err
+		}
+		if !found || dom.State == libvirt.StateShutoff {
+			return true, nil
+		}
+		elapsed := time.Since(started)
+		if elapsed >= grace {
+			return false, nil
+		}
+		if a.goalMoved(goal.VM, goal.Incarnation) {
+			return false, errGoalChanged
+		}
+		if elapsed >= progressEvery {
+			a.progress(ctx, goal.VM, events.VMProgress{UID: goal.UID, Incarnation: goal.Incarnation,
+				Step: string(stepShutdown), Done: elapsed.Milliseconds(), Total: grace.Milliseconds()})
+		}
+		if !sleepCtx(ctx, min(poll, grace-elapsed)) {
+			return false, ctx.Err()
+		}
+	}
+}
+
+// fail reports err against goal and returns it, so the VM is retried.
+func (a *Agent) fail(ctx context.Context, name string, goal events.Goal, err error) error {
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	if errors.Is(err, errGoalChanged) {
+		return err
+	}
+	if rerr := a.observe(ctx, name, failed(goal, faultOf(err))); rerr != nil {
+		return errors.Join(err, rerr)
+	}
+	return err
+}
+
+// noteDrift counts an unrequested change of the VM's domain and returns how
+// long to wait before putting it back: nothing the first time, then a
+// growing backoff while it keeps happening.
+func (a *Agent) noteDrift(name string) time.Duration {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	v := a.vms[name]
+	now := time.Now()
+	if now.Sub(v.lastDrift) > 2*a.cfg.MaxRetryBackoff {
+		v.drifts = 0 // it stayed put for a good while: forgive earlier drifts
+	}
+	v.drifts++
+	v.lastDrift = now
+	if v.drifts == 1 {
+		return 0
+	}
+	hold := a.backoff(v.drifts - 1)
+	v.holdUntil = now.Add(hold)
+	return hold
+}
+
+// goalMoved tells whether the VM's goal is no longer incarnation.
+func (a *Agent) goalMoved(name string, incarnation uint64) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.vms[name].goal.Incarnation != incarnation
+}
+
+// drifted tells whether seen contradicts what was last reported for the
+// goal's incarnation without the agent having acted since.
+func drifted(v vmRecord, seen events.ObservedState) bool {
+	r := v.reported
+	return !v.acted && r.Incarnation == v.goal.Incarnation && r.UID == v.goal.UID &&
+		r.State != "" && r.State != events.ObservedFailed && r.State != seen
+}
+
+// converged tells whether the last report says the goal is met.
+func converged(v vmRecord) bool {
+	r := v.reported
+	return r.Incarnation == v.goal.Incarnation && r.Fault == nil && r.State.Satisfies(v.goal.Desired)
+}
+
+// failed is the report of a goal the agent could not carry out.
+func failed(goal events.Goal, fault *events.Fault) events.VMObserved {
+	return events.VMObserved{UID: goal.UID, Incarnation: goal.Incarnation, State: events.ObservedFailed, Fault: fault}
+}
