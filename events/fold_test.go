@@ -42,7 +42,7 @@ func TestVMState_Lifecycle(t *testing.T) {
 	}
 
 	apply(h.add(vm, VMCreated{UID: "u1", Image: "demo", CPU: 1, MemoryMiB: 256, Desired: DesiredRunning}, "c1"))
-	if s.Phase != PhasePending || !s.Exists() || s.Incarnation != 0 || s.CreatedBy != "c1" {
+	if s.Phase != PhasePending || !s.Exists() || s.Incarnation != 0 || s.CreateCommand != "c1" {
 		t.Fatalf("after create: %+v", s)
 	}
 	if _, ok := GoalOf(&s); ok {

@@ -97,8 +97,10 @@ type VMState struct {
 	Desired   Desired `msgpack:"desired,omitempty" json:"desired,omitempty"`
 	// AbsentReason says why Desired is absent.
 	AbsentReason string `msgpack:"absent_reason,omitempty" json:"absent_reason,omitempty"`
-	// CreatedBy is the command that created this incarnation.
-	CreatedBy string `msgpack:"created_by,omitempty" json:"created_by,omitempty"`
+	// CreatedBy is the actor whose command created this incarnation, and
+	// CreateCommand that command's id: together they derive UID.
+	CreatedBy     string `msgpack:"created_by,omitempty" json:"created_by,omitempty"`
+	CreateCommand string `msgpack:"create_command,omitempty" json:"create_command,omitempty"`
 	// Incarnation is the stream sequence of the decision that produced the
 	// current goal; zero while no goal exists.
 	Incarnation uint64 `msgpack:"incarnation,omitempty" json:"incarnation,omitempty"`
@@ -141,7 +143,8 @@ func (s *VMState) Apply(rec *Record) error {
 	switch ev := rec.Event.(type) {
 	case VMCreated:
 		*s = VMState{Name: s.Name, UID: ev.UID, Phase: PhasePending, Image: ev.Image, CPU: ev.CPU,
-			MemoryMiB: ev.MemoryMiB, Desired: ev.Desired, CreatedBy: rec.Envelope.CommandID}
+			MemoryMiB: ev.MemoryMiB, Desired: ev.Desired,
+			CreatedBy: rec.Envelope.Actor, CreateCommand: rec.Envelope.CommandID}
 	case VMPlaced:
 		if ev.UID == s.UID {
 			s.Host, s.Phase, s.Incarnation = ev.Host, PhasePlaced, rec.Seq

@@ -9,7 +9,6 @@ import (
 	"slices"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/loomctl/loom/events"
 	"github.com/loomctl/loom/events/bus"
@@ -146,11 +145,11 @@ func (s *Service) completeCreates(ctx context.Context, vms []events.VMState, all
 // command that created it: allocate if no host holds an allocation for it,
 // then place. With no room anywhere the VM stays pending until there is.
 func (s *Service) completeCreate(ctx context.Context, vm events.VMState, allocations []located) error {
-	actor, err := s.creatorOf(ctx, vm, allocations)
+	actor, err := s.creatorOf(vm)
 	if err != nil {
 		return err
 	}
-	c := newCommand(actor, vm.CreatedBy, "", events.Origin{Time: s.cfg.Now()})
+	c := newCommand(actor, vm.CreateCommand, "", events.Origin{Time: s.cfg.Now()})
 	var p placement
 	if len(allocations) > 0 {
 		first := slices.MinFunc(allocations, func(a, b located) int { return cmp.Compare(a.alloc.Seq, b.alloc.Seq) })
@@ -173,7 +172,7 @@ func (s *Service) completeCreate(ctx context.Context, vm events.VMState, allocat
 	}
 	if res.appended != nil && !res.replayed {
 		s.metrics.scheduled.WithLabelValues("placed").Inc()
-		s.log.Info("interrupted create completed", keyVM, vm.Name, keyHost, p.host, keyCommand, vm.CreatedBy)
+		s.log.Info("interrupted create completed", keyVM, vm.Name, keyHost, p.host, keyCommand, vm.CreateCommand)
 	}
 	return nil
 }
@@ -233,32 +232,14 @@ func (s *Service) release(ctx context.Context, l located, reason string) error {
 	return nil
 }
 
-// creatorOf finds the actor of the command that created vm's incarnation:
-// the actor of one of its events whose (actor, command id) derive its UID.
-// It reads the VM's allocations first, then scans the VM's subject.
-//
-// TODO(loom): VMState and Allocation should carry the creating actor, so
-// that this needs no reads of the stream.
-func (s *Service) creatorOf(ctx context.Context, vm events.VMState, allocations []located) (string, error) {
-	for _, l := range allocations {
-		if actor, err := s.actorOf(ctx, l.alloc.Seq, vm.CreatedBy); err == nil && events.DeriveUID(actor, vm.CreatedBy) == vm.UID {
-			return actor, nil
-		}
+// creatorOf is the actor of the command that created vm's incarnation, as
+// the VM's state records it; the pair must derive the VM's UID, or the
+// steps taken in its name would not be the create's own.
+func (s *Service) creatorOf(vm events.VMState) (string, error) {
+	if vm.CreatedBy == "" || events.DeriveUID(vm.CreatedBy, vm.CreateCommand) != vm.UID {
+		return "", fmt.Errorf("vm %s: creator %q and command %q do not derive uid %s", vm.Name, vm.CreatedBy, vm.CreateCommand, vm.UID)
 	}
-	subject := events.EventSubject(events.KindVM, vm.Name)
-	for seq := uint64(1); ; {
-		at, env, _, err := s.envelopeAt(ctx, seq, subject)
-		if errors.Is(err, jetstream.ErrMsgNotFound) {
-			return "", fmt.Errorf("vm %s: no event of command %s derives uid %s", vm.Name, vm.CreatedBy, vm.UID)
-		}
-		if err != nil {
-			return "", err
-		}
-		if env.CommandID == vm.CreatedBy && events.DeriveUID(env.Actor, env.CommandID) == vm.UID {
-			return env.Actor, nil
-		}
-		seq = at + 1
-	}
+	return vm.CreatedBy, nil
 }
 
 // actorOf is the actor of the event at seq, which command commandID
