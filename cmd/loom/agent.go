@@ -1,0 +1,49 @@
+package main
+
+import (
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/loomctl/loom/agents/libvirt"
+	"github.com/loomctl/loom/cmd/loom/plane"
+	"github.com/loomctl/loom/events"
+)
+
+func newAgentCommand(client *clientFlags) *cobra.Command {
+	var (
+		cfg     plane.AgentConfig
+		verbose bool
+	)
+	cmd := &cobra.Command{
+		Use:   "agent",
+		Short: "Run the host agent: follow this host's goal states and make libvirt match them",
+		Long: `loom agent runs on every host. It renews the host's liveness, follows
+loom.goal.<host>.>, drives libvirtd to each VM's goal and reports what it
+observed on loom.obs.<host>.>. It connects to the control plane's NATS (--nats)
+and never creates or changes streams.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := events.ValidateName("host", cfg.Host); err != nil {
+				return events.Errorf(events.CodeInvalidArgument, "--host: %v", err)
+			}
+			log := newLogger(verbose)
+			conn, err := plane.Join(client.url, "loom-agent-"+cfg.Host)
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			return plane.RunAgent(cmd.Context(), conn, cfg, log)
+		},
+	}
+	cmd.Flags().StringVar(&cfg.Host, "host", "", "name of this host, as registered (required)")
+	cmd.Flags().StringVar(&cfg.Socket, "libvirt-socket", libvirt.DefaultSocket, "libvirtd's read-write unix socket")
+	cmd.Flags().StringVar(&cfg.URI, "libvirt-uri", libvirt.DefaultURI, "libvirt driver URI, e.g. qemu:///system or test:///default")
+	cmd.Flags().BoolVar(&cfg.Simulated, "simulated", false, "the host is libvirt's test driver: hold a connection open so its state survives reconnects, and remove its built-in domain")
+	cmd.Flags().DurationVar(&cfg.TTL, "ttl", 10*time.Second, "liveness TTL of each renewal")
+	cmd.Flags().DurationVar(&cfg.StopGrace, "stop-grace", 30*time.Second, "how long a guest has to power off before it is destroyed")
+	cmd.Flags().StringVar(&cfg.HTTPAddr, "http", "", "HTTP address for /metrics (empty: none)")
+	cmd.Flags().BoolVarP(&verbose, "verbose", "v", false, "debug logging")
+	_ = cmd.MarkFlagRequired("host")
+	return cmd
+}

@@ -1,0 +1,119 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"sort"
+	"time"
+
+	"github.com/spf13/cobra"
+)
+
+// benchConfig configures `loom bench`.
+type benchConfig struct {
+	only     string
+	clients  int
+	duration time.Duration
+	events   int
+	vms      int
+	sync     string
+	keep     bool
+}
+
+func newBenchCommand() *cobra.Command {
+	var cfg benchConfig
+	cmd := &cobra.Command{
+		Use:   "bench",
+		Short: "Measure Loom's speed figures, each as a ratio against a baseline measured in the same run",
+		Long: `loom bench measures, in one run, on this machine:
+  create    vm.create commands/s with --clients concurrent clients over TCP loopback,
+            against raw JetStream publishes with expected-subject-sequence at the same concurrency
+  rebuild   projection rebuild events/s over --events events, against a raw ordered-consumer
+            replay that only decodes
+  converge  command accepted -> agent observed converged, p50 and p99, with --vms VMs on the
+            test driver
+  memory    NATS server memory per 10,000 aggregates
+Every part starts its own embedded NATS in a temporary directory. Needs root for converge.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runBench(cmd.Context(), cfg, cmd.OutOrStdout())
+		},
+	}
+	cmd.Flags().StringVar(&cfg.only, "only", "", "run one part: create, rebuild, converge or memory")
+	cmd.Flags().IntVar(&cfg.clients, "clients", 16, "concurrent clients for create")
+	cmd.Flags().DurationVar(&cfg.duration, "duration", 10*time.Second, "how long each throughput run lasts")
+	cmd.Flags().IntVar(&cfg.events, "events", 1_000_000, "events for rebuild")
+	cmd.Flags().IntVar(&cfg.vms, "vms", 1000, "VMs for converge")
+	cmd.Flags().StringVar(&cfg.sync, "sync", "always", "embedded NATS durability for every part: always, or an fsync interval")
+	cmd.Flags().BoolVar(&cfg.keep, "keep", false, "keep the temporary directories")
+	return cmd
+}
+
+// benchPart is one measurement of `loom bench`.
+type benchPart struct {
+	name string
+	run  func(ctx context.Context, cfg benchConfig, dir string, w io.Writer) error
+}
+
+func runBench(ctx context.Context, cfg benchConfig, w io.Writer) error {
+	parts := []benchPart{
+		{"create", benchCreate},
+		{"rebuild", benchRebuild},
+		{"converge", benchConverge},
+		{"memory", benchMemory},
+	}
+	names := make([]string, 0, len(parts))
+	for _, p := range parts {
+		names = append(names, p.name)
+	}
+	sort.Strings(names)
+	found := cfg.only == ""
+	fmt.Fprintf(w, "loom bench: sync=%s, %d CPUs\n", cfg.sync, numCPU())
+	for _, p := range parts {
+		if cfg.only != "" && cfg.only != p.name {
+			continue
+		}
+		found = true
+		dir, err := os.MkdirTemp("", "loom-bench-"+p.name+"-")
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(w, "\n== %s\n", p.name)
+		err = p.run(ctx, cfg, dir, w)
+		if !cfg.keep {
+			os.RemoveAll(dir)
+		}
+		if err != nil {
+			return fmt.Errorf("bench %s: %w", p.name, err)
+		}
+	}
+	if !found {
+		return fmt.Errorf("--only %q: want one of %v", cfg.only, names)
+	}
+	return nil
+}
+
+// quietLogger discards the control plane's logs during benchmarks.
+func quietLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
+// ratio prints "name: x/s vs baseline y/s = r".
+func ratio(w io.Writer, what string, got float64, baselineName string, baseline float64, goal float64) {
+	r := got / baseline
+	verdict := "meets"
+	if r < goal {
+		verdict = "BELOW"
+	}
+	fmt.Fprintf(w, "  %-28s %10.0f/s\n  %-28s %10.0f/s\n  ratio %.2f (goal >= %.2f: %s)\n", what, got, baselineName, baseline, r, goal, verdict)
+}
+
+// percentile of sorted durations.
+func percentile(sorted []time.Duration, p float64) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(p * float64(len(sorted)-1))
+	return sorted[i]
+}

@@ -1,0 +1,197 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/loomctl/loom/cmd/loom/plane"
+	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/bus"
+)
+
+// benchCreate measures vm.create commands/s with cfg.clients concurrent
+// clients over TCP loopback against the whole control plane, and, as the
+// baseline, raw JetStream publishes with expected-last-subject-sequence at
+// the same concurrency over TCP, each on a fresh embedded server of the
+// same durability.
+func benchCreate(ctx context.Context, cfg benchConfig, dir string, w io.Writer) error {
+	raw, err := rawPublishRate(ctx, cfg, filepath.Join(dir, "raw"))
+	if err != nil {
+		return fmt.Errorf("raw baseline: %w", err)
+	}
+	creates, lat, err := createRate(ctx, cfg, filepath.Join(dir, "loom"))
+	if err != nil {
+		return fmt.Errorf("vm.create: %w", err)
+	}
+	fmt.Fprintf(w, "  %d clients over TCP loopback, %s each run\n", cfg.clients, cfg.duration)
+	ratio(w, "vm.create commands", creates, "raw publish+expected-seq", raw, 0.5)
+	fmt.Fprintf(w, "  vm.create latency p50 %s p99 %s (3 appends each: vm.created, host.allocated, vm.placed)\n",
+		percentile(lat, 0.5).Round(time.Microsecond), percentile(lat, 0.99).Round(time.Microsecond))
+	return nil
+}
+
+// rawPublishRate is the baseline: each client publishes to its own
+// subjects, each publish carrying the subject's last sequence.
+func rawPublishRate(ctx context.Context, cfg benchConfig, dir string) (float64, error) {
+	scfg, err := benchServerConfig(cfg, dir)
+	if err != nil {
+		return 0, err
+	}
+	srv, err := bus.StartServer(ctx, scfg)
+	if err != nil {
+		return 0, err
+	}
+	defer srv.Stop()
+	setup, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		return 0, err
+	}
+	defer setup.Close()
+	js, err := jetstream.New(setup)
+	if err != nil {
+		return 0, err
+	}
+	if err := bus.EnsureStreams(ctx, js, bus.StreamsConfig{}); err != nil {
+		return 0, err
+	}
+	var total atomic.Int64
+	err = runClients(ctx, cfg, srv.ClientURL(), func(ctx context.Context, nc *nats.Conn, client int) error {
+		cjs, err := jetstream.New(nc)
+		if err != nil {
+			return err
+		}
+		const subjects = 1000
+		last := make([]uint64, subjects)
+		payload := make([]byte, 300)
+		for i := 0; ctx.Err() == nil; i++ {
+			s := i % subjects
+			ack, err := cjs.Publish(ctx, fmt.Sprintf("loom.evt.vm.raw-%d-%d", client, s), payload,
+				jetstream.WithExpectLastSequencePerSubject(last[s]))
+			if err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				return err
+			}
+			last[s] = ack.Sequence
+			total.Add(1)
+		}
+		return nil
+	})
+	return float64(total.Load()) / cfg.duration.Seconds(), err
+}
+
+// createRate runs the control plane on a fresh embedded server and measures
+// vm.create requests from clients over TCP.
+func createRate(ctx context.Context, cfg benchConfig, dir string) (float64, []time.Duration, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return 0, nil, err
+	}
+	nc := plane.NATSConfig{Listen: "127.0.0.1:0", Sync: cfg.sync, Replicas: 1}
+	conn, err := plane.Connect(ctx, nc, dir, "loom-bench", quietLogger())
+	if err != nil {
+		return 0, nil, err
+	}
+	defer conn.Close()
+	planeCtx, stopPlane := context.WithCancel(ctx)
+	planeDone := make(chan error, 1)
+	go func() {
+		planeDone <- plane.RunControlPlane(planeCtx, conn, plane.ControlPlaneConfig{DataDir: dir}, quietLogger())
+	}()
+	defer func() { stopPlane(); <-planeDone }()
+
+	admin := &client{flags: &clientFlags{actor: "bench", timeout: 10 * time.Second}, nc: conn.Conn}
+	const hosts = 64
+	for i := 0; i < hosts; i++ {
+		reg := events.RegisterHost{CommandMeta: events.CommandMeta{CommandID: "bench-host-" + strconv.Itoa(i)},
+			Name: "bench-" + strconv.Itoa(i), CPU: events.MaxCPU, MemoryMiB: events.MaxMemoryMiB}
+		if err := retryUnavailable(ctx, func() error { _, err := admin.command(ctx, events.KindHost, events.VerbRegister, &reg); return err }); err != nil {
+			return 0, nil, err
+		}
+	}
+	img := events.RegisterImage{CommandMeta: events.CommandMeta{CommandID: "bench-image"}, Name: "bench", Format: "raw"}
+	if _, err := admin.command(ctx, events.KindImage, events.VerbRegister, &img); err != nil {
+		return 0, nil, err
+	}
+
+	var (
+		total atomic.Int64
+		mu    sync.Mutex
+		lats  []time.Duration
+	)
+	err = runClients(ctx, cfg, conn.URL, func(ctx context.Context, nc *nats.Conn, id int) error {
+		c := &client{flags: &clientFlags{actor: "bench-" + strconv.Itoa(id), timeout: 30 * time.Second}, nc: nc}
+		var mine []time.Duration
+		for i := 0; ctx.Err() == nil; i++ {
+			name := fmt.Sprintf("b%d-%d", id, i)
+			create := events.CreateVM{CommandMeta: events.CommandMeta{CommandID: name}, Name: name, Image: "bench", CPU: 1, MemoryMiB: 1, Stopped: true}
+			start := time.Now()
+			if _, err := c.command(context.WithoutCancel(ctx), events.KindVM, events.VerbCreate, &create); err != nil {
+				return fmt.Errorf("create %s: %w", name, err)
+			}
+			mine = append(mine, time.Since(start))
+			total.Add(1)
+		}
+		mu.Lock()
+		lats = append(lats, mine...)
+		mu.Unlock()
+		return nil
+	})
+	slices.Sort(lats)
+	return float64(total.Load()) / cfg.duration.Seconds(), lats, err
+}
+
+// runClients runs cfg.clients workers, each on its own TCP connection,
+// for cfg.duration.
+func runClients(ctx context.Context, cfg benchConfig, url string, work func(ctx context.Context, nc *nats.Conn, client int) error) error {
+	conns := make([]*nats.Conn, cfg.clients)
+	for i := range conns {
+		nc, err := nats.Connect(url)
+		if err != nil {
+			return err
+		}
+		defer nc.Close()
+		conns[i] = nc
+	}
+	ctx, cancel := context.WithTimeout(ctx, cfg.duration)
+	defer cancel()
+	errs := make(chan error, len(conns))
+	for i, nc := range conns {
+		go func() { errs <- work(ctx, nc, i) }()
+	}
+	var first error
+	for range conns {
+		if err := <-errs; err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+// retryUnavailable retries f while the control plane is still starting.
+func retryUnavailable(ctx context.Context, f func() error) error {
+	for {
+		err := f()
+		var fault *events.Fault
+		if !errors.As(err, &fault) || fault.Code != events.CodeUnavailable {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}

@@ -1,0 +1,55 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"path/filepath"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/loomctl/loom/events/bus"
+	"github.com/loomctl/loom/projections"
+)
+
+// benchRebuild fills LOOM_EVENTS with cfg.events events of a generated
+// fleet's history, then rebuilds the read models from sequence 1 and
+// compares that with an ordered-consumer replay that only decodes, both
+// over the same in-process connection to the same server.
+func benchRebuild(ctx context.Context, cfg benchConfig, dir string, w io.Writer) error {
+	scfg, err := benchServerConfig(cfg, filepath.Join(dir, "bus"))
+	if err != nil {
+		return err
+	}
+	scfg.NoListen = true
+	srv, err := bus.StartServer(ctx, scfg)
+	if err != nil {
+		return err
+	}
+	defer srv.Stop()
+	nc, err := nats.Connect("", nats.InProcessServer(srv))
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return err
+	}
+	if err := bus.EnsureStreams(ctx, js, bus.StreamsConfig{}); err != nil {
+		return err
+	}
+	start := time.Now()
+	if _, err := projections.PublishHistory(ctx, js, cfg.events, 1); err != nil {
+		return fmt.Errorf("fill the stream: %w", err)
+	}
+	fmt.Fprintf(w, "  filled %d events in %s\n", cfg.events, time.Since(start).Round(time.Millisecond))
+	result, err := projections.RebuildBench(ctx, js, filepath.Join(dir, "pebble"))
+	if err != nil {
+		return err
+	}
+	ratio(w, "rebuild into Pebble", result.Rebuild, "decode-only replay", result.Raw, 0.5)
+	return nil
+}

@@ -1,0 +1,142 @@
+//go:build integration
+
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/loomctl/loom/events"
+)
+
+// TestCLI_UpCreateGetTail is issue 2's "done when", through the binary's own
+// verbs: loom up (embedded NATS, control plane, simulated hosts on real
+// libvirtd), then vm create --wait, vm get and events tail as a person runs
+// them.
+func TestCLI_UpCreateGetTail(t *testing.T) {
+	dir, err := shortTempDir(t)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	var upOut lockedBuffer
+	upDone := make(chan error, 1)
+	go func() {
+		upDone <- execute(ctx, &upOut, "up", "--data-dir", dir, "--listen", "127.0.0.1:0", "--http", "", "--hosts", "2")
+	}()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-upDone:
+			if err != nil {
+				t.Errorf("loom up ended with %v", err)
+			}
+		case <-time.After(60 * time.Second):
+			t.Error("loom up did not stop in 60s")
+		}
+	})
+	url := waitForURL(t, &upOut, upDone)
+
+	loom := func(args ...string) string {
+		t.Helper()
+		var out lockedBuffer
+		if err := execute(t.Context(), &out, append([]string{"--nats", url}, args...)...); err != nil {
+			t.Fatalf("loom %s: %v\n%s", strings.Join(args, " "), err, out.String())
+		}
+		return out.String()
+	}
+	created := loom("vm", "create", "web-1", "--actor", "alice", "--image", "demo", "--cpu", "1", "--mem", "256", "--wait", "30s")
+	if !strings.Contains(created, "web-1 converged: running on host-") {
+		t.Fatalf("vm create --wait printed:\n%s", created)
+	}
+
+	var vm events.VMView
+	if err := json.Unmarshal([]byte(loom("vm", "get", "web-1", "-o", "json")), &vm); err != nil {
+		t.Fatal(err)
+	}
+	if !vm.Converged || vm.Observed.State != events.ObservedRunning || vm.Desired != events.DesiredRunning || vm.CreatedBy != "alice" {
+		t.Fatalf("vm get = %+v, want running, converged, created by alice", vm)
+	}
+	table := loom("vm", "get", "web-1")
+	for _, want := range []string{"converged             true", "observed              running"} {
+		if !strings.Contains(table, want) {
+			t.Errorf("vm get table lacks %q:\n%s", want, table)
+		}
+	}
+
+	// The story, in stream order: decided, placed, observed.
+	story := loom("events", "tail", "--no-follow", "--type", "vm.created,host.allocated,vm.placed,vm.observed")
+	if mine := loom("events", "tail", "--no-follow", "--actor", "alice"); strings.Count(mine, "by alice") != 3 || strings.Contains(mine, "agent:") {
+		t.Errorf("events tail --actor alice:\n%s", mine)
+	}
+	order := regexp.MustCompile(`(?s)vm\.created .*by alice.*host\.allocated .*vm\.placed .*host-\d.*vm\.observed .*by agent:host-\d.*"state":"running"`)
+	if !order.MatchString(story) {
+		t.Fatalf("events tail does not tell the story:\n%s\nall of it:\n%s", story, loom("events", "tail", "--no-follow"))
+	}
+}
+
+// execute runs the loom binary's root command in-process.
+func execute(ctx context.Context, out *lockedBuffer, args ...string) error {
+	root := newRoot()
+	root.SetArgs(args)
+	root.SetOut(out)
+	root.SetErr(out)
+	return root.ExecuteContext(ctx)
+}
+
+// waitForURL waits for loom up to say where NATS is.
+func waitForURL(t *testing.T, out *lockedBuffer, done <-chan error) string {
+	t.Helper()
+	re := regexp.MustCompile(`NATS\s+(nats://\S+)`)
+	deadline := time.After(60 * time.Second)
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if m := re.FindStringSubmatch(out.String()); m != nil {
+			return m[1]
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("loom up ended before it was up: %v\n%s", err, out.String())
+		case <-deadline:
+			t.Fatalf("loom up not up in 60s:\n%s", out.String())
+		case <-tick.C:
+		}
+	}
+}
+
+// shortTempDir is a temporary directory under /tmp: libvirtd's socket path
+// inside it must fit in 107 bytes, which t.TempDir's long names may not.
+func shortTempDir(t *testing.T) (string, error) {
+	dir, err := os.MkdirTemp("/tmp", "loom-cli-")
+	if err != nil {
+		return "", err
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	return dir, nil
+}
+
+// lockedBuffer is a bytes.Buffer safe for a writer and a reader at once.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}

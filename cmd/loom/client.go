@@ -1,0 +1,140 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/user"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/oklog/ulid/v2"
+	"github.com/spf13/cobra"
+
+	"github.com/loomctl/loom/events"
+)
+
+// defaultNATS is where a local `loom up` listens.
+const defaultNATS = "nats://127.0.0.1:4222"
+
+// clientFlags are the flags every client verb shares.
+type clientFlags struct {
+	url       string
+	actor     string
+	commandID string
+	output    string
+	timeout   time.Duration
+}
+
+func (f *clientFlags) register(root *cobra.Command) {
+	url := os.Getenv("LOOM_NATS")
+	if url == "" {
+		url = defaultNATS
+	}
+	root.PersistentFlags().StringVar(&f.url, "nats", url, "NATS server URL of the control plane (env LOOM_NATS)")
+	root.PersistentFlags().StringVarP(&f.output, "output", "o", "table", "output format: table or json")
+	root.PersistentFlags().DurationVar(&f.timeout, "timeout", 10*time.Second, "how long to wait for an answer")
+}
+
+// registerCommandFlags binds the flags of verbs that send commands, on a
+// group of them (host, image, vm). They are not global: events tail has a
+// --actor of its own, a filter.
+func (f *clientFlags) registerCommandFlags(group *cobra.Command) {
+	group.PersistentFlags().StringVar(&f.actor, "actor", defaultActor(), "who is asking, recorded on every event")
+	group.PersistentFlags().StringVar(&f.commandID, "command-id", "", "command id to send; reuse it to retry a command safely (default: a new ULID)")
+}
+
+func defaultActor() string {
+	name := "unknown"
+	if u, err := user.Current(); err == nil {
+		name = u.Username
+	}
+	host, _ := os.Hostname()
+	return name + "@" + host
+}
+
+// client is a connection to the control plane.
+type client struct {
+	flags *clientFlags
+	nc    *nats.Conn
+}
+
+func (f *clientFlags) connect() (*client, error) {
+	if f.output != "table" && f.output != "json" {
+		return nil, fmt.Errorf("--output %q: want table or json", f.output)
+	}
+	nc, err := nats.Connect(f.url, nats.Name("loom-cli"), nats.Timeout(3*time.Second))
+	if err != nil {
+		return nil, fmt.Errorf("connect to %s: %w (is `loom up` or `loom serve` running? set --nats or LOOM_NATS)", f.url, err)
+	}
+	return &client{flags: f, nc: nc}, nil
+}
+
+func (c *client) close() { c.nc.Close() }
+
+// newCommandID is the id of a command this invocation sends.
+func (c *client) newCommandID() string {
+	if c.flags.commandID != "" {
+		return c.flags.commandID
+	}
+	return ulid.Make().String()
+}
+
+// command sends a command and returns its reply, or the reply's Fault.
+func (c *client) command(ctx context.Context, kind events.Kind, verb string, body any) (*events.Reply, error) {
+	data, err := events.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	msg := nats.NewMsg(events.CommandSubject(kind, verb))
+	msg.Data = data
+	msg.Header.Set(events.HeaderActor, c.flags.actor)
+	ctx, cancel := context.WithTimeout(ctx, c.flags.timeout)
+	defer cancel()
+	resp, err := c.nc.RequestMsgWithContext(ctx, msg)
+	if err != nil {
+		return nil, requestError(msg.Subject, err)
+	}
+	var reply events.Reply
+	if err := events.Unmarshal(resp.Data, &reply); err != nil {
+		return nil, fmt.Errorf("%s: undecodable reply: %w", msg.Subject, err)
+	}
+	if reply.Error != nil {
+		return nil, reply.Error
+	}
+	return &reply, nil
+}
+
+// query asks a read model.
+func (c *client) query(ctx context.Context, kind events.Kind, verb string, q events.Query) (*events.QueryReply, error) {
+	data, err := events.Marshal(q)
+	if err != nil {
+		return nil, err
+	}
+	subject := events.QuerySubject(kind, verb)
+	ctx, cancel := context.WithTimeout(ctx, c.flags.timeout)
+	defer cancel()
+	resp, err := c.nc.RequestWithContext(ctx, subject, data)
+	if err != nil {
+		return nil, requestError(subject, err)
+	}
+	var reply events.QueryReply
+	if err := events.Unmarshal(resp.Data, &reply); err != nil {
+		return nil, fmt.Errorf("%s: undecodable reply: %w", subject, err)
+	}
+	if reply.Error != nil {
+		return nil, reply.Error
+	}
+	return &reply, nil
+}
+
+func requestError(subject string, err error) error {
+	switch {
+	case errors.Is(err, nats.ErrNoResponders):
+		return events.Errorf(events.CodeUnavailable, "nobody serves %s: is the control plane (loom serve / loom up) running?", subject)
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, nats.ErrTimeout):
+		return events.Errorf(events.CodeTimeout, "%s: no answer in time (--timeout)", subject)
+	}
+	return fmt.Errorf("%s: %w", subject, err)
+}

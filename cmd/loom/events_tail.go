@@ -1,0 +1,172 @@
+package main
+
+import (
+	"context"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spf13/cobra"
+
+	"github.com/loomctl/loom/events"
+)
+
+// tailFlags select which events `loom events tail` shows.
+type tailFlags struct {
+	from     string
+	last     int
+	types    []string
+	host     string
+	actor    string
+	noFollow bool
+}
+
+func newEventsCommand(flags *clientFlags) *cobra.Command {
+	cmd := &cobra.Command{Use: "events", Short: "The event history"}
+	var tf tailFlags
+	tail := &cobra.Command{
+		Use:   "tail",
+		Short: "Print events as they are appended, decoded (-o json for JSON lines)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := flags.connect()
+			if err != nil {
+				return err
+			}
+			defer c.close()
+			return tailEvents(cmd.Context(), c, tf, cmd.OutOrStdout())
+		},
+	}
+	tail.Flags().StringVar(&tf.from, "from", "", "start at this stream sequence or RFC 3339 time (default: the last --last events)")
+	tail.Flags().IntVar(&tf.last, "last", 50, "without --from, start this many events before the end")
+	tail.Flags().StringSliceVar(&tf.types, "type", nil, "only events of these types (repeat or separate with commas, e.g. vm.created,vm.placed)")
+	tail.Flags().StringVar(&tf.host, "host", "", "only this host's events and observations")
+	tail.Flags().StringVar(&tf.actor, "actor", "", "only events by this actor")
+	tail.Flags().BoolVar(&tf.noFollow, "no-follow", false, "stop at the end of the history instead of following")
+	cmd.AddCommand(tail)
+	return cmd
+}
+
+func tailEvents(ctx context.Context, c *client, tf tailFlags, w io.Writer) error {
+	js, err := jetstream.New(c.nc)
+	if err != nil {
+		return err
+	}
+	stream, err := js.Stream(ctx, events.StreamEvents)
+	if err != nil {
+		return fmt.Errorf("stream %s: %w", events.StreamEvents, err)
+	}
+	info, err := stream.Info(ctx)
+	if err != nil {
+		return err
+	}
+	cfg := jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverByStartSequencePolicy}
+	switch {
+	case tf.from == "":
+		first := uint64(1)
+		if info.State.LastSeq > uint64(tf.last) {
+			first = info.State.LastSeq - uint64(tf.last) + 1
+		}
+		cfg.OptStartSeq = first
+	default:
+		if seq, err := strconv.ParseUint(tf.from, 10, 64); err == nil {
+			cfg.OptStartSeq = max(seq, 1)
+		} else if at, err := time.Parse(time.RFC3339, tf.from); err == nil {
+			cfg.DeliverPolicy, cfg.OptStartTime = jetstream.DeliverByStartTimePolicy, &at
+		} else {
+			return events.Errorf(events.CodeInvalidArgument, "--from %q: want a sequence number or an RFC 3339 time", tf.from)
+		}
+	}
+	if tf.host != "" {
+		cfg.FilterSubjects = []string{events.HostObservations(tf.host), events.EventSubject(events.KindHost, tf.host)}
+	}
+	cons, err := stream.OrderedConsumer(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	end := info.State.LastSeq
+	if tf.noFollow && (end == 0 || cfg.OptStartSeq > end) {
+		return nil
+	}
+	for {
+		msg, err := cons.Next(jetstream.FetchMaxWait(time.Second))
+		if errors.Is(err, jetstream.ErrNoMessages) || errors.Is(err, context.DeadlineExceeded) {
+			if ctx.Err() != nil {
+				return nil
+			}
+			if tf.noFollow {
+				return nil
+			}
+			continue
+		}
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		meta, err := msg.Metadata()
+		if err != nil {
+			return err
+		}
+		rec, decodeErr := events.DecodeRecord(meta.Sequence.Stream, msg.Subject(), meta.Timestamp, msg.Data())
+		if tf.match(&rec, decodeErr) {
+			if err := printRecord(w, c.flags.output, &rec, decodeErr); err != nil {
+				return err
+			}
+		}
+		if tf.noFollow && meta.Sequence.Stream >= end {
+			return nil
+		}
+	}
+}
+
+func (tf tailFlags) match(rec *events.Record, decodeErr error) bool {
+	if decodeErr != nil {
+		// Shown unless a filter needs the envelope: never dropped silently.
+		return len(tf.types) == 0 && tf.actor == ""
+	}
+	return (len(tf.types) == 0 || slices.Contains(tf.types, string(rec.Envelope.Type))) &&
+		(tf.actor == "" || rec.Envelope.Actor == tf.actor)
+}
+
+// tailLine is one event as `-o json` prints it.
+type tailLine struct {
+	Seq       uint64          `json:"seq"`
+	Subject   string          `json:"subject"`
+	Stored    time.Time       `json:"stored"`
+	Envelope  events.Envelope `json:"envelope"`
+	Payload   any             `json:"payload,omitempty"`
+	PrevHash  string          `json:"prev_hash,omitempty"`
+	Undecoded string          `json:"undecodable,omitempty"`
+}
+
+func printRecord(w io.Writer, output string, rec *events.Record, decodeErr error) error {
+	if output == "json" {
+		line := tailLine{Seq: rec.Seq, Subject: rec.Subject, Stored: rec.Stored, Envelope: rec.Envelope, Payload: rec.Event,
+			PrevHash: hex.EncodeToString(rec.Envelope.PrevHash)}
+		if decodeErr != nil {
+			line.Undecoded = decodeErr.Error()
+		}
+		data, err := json.Marshal(line)
+		if err != nil {
+			return err
+		}
+		_, err = fmt.Fprintln(w, string(data))
+		return err
+	}
+	if decodeErr != nil {
+		_, err := fmt.Fprintf(w, "#%-6d %s  %-20s %s  !! %v\n", rec.Seq, rec.Stored.Local().Format("15:04:05.000"), "(undecodable)", rec.Subject, decodeErr)
+		return err
+	}
+	payload, _ := json.Marshal(rec.Event)
+	_, err := fmt.Fprintf(w, "#%-6d %s  %-20s %-28s by %s  %s\n", rec.Seq, rec.Envelope.At().Local().Format("15:04:05.000"),
+		rec.Envelope.Type, rec.Subject, rec.Envelope.Actor, payload)
+	return err
+}

@@ -1,0 +1,101 @@
+package main
+
+import (
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/loomctl/loom/events"
+)
+
+func newHostCommand(flags *clientFlags) *cobra.Command {
+	cmd := &cobra.Command{Use: "host", Short: "Hosts: register, list, cordon"}
+	flags.registerCommandFlags(cmd)
+	var reg events.RegisterHost
+	register := &cobra.Command{
+		Use: "register NAME --cpu N --mem MIB", Short: "Register a host and its capacity", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := flags.connect()
+			if err != nil {
+				return err
+			}
+			defer c.close()
+			reg.Name, reg.CommandID = args[0], c.newCommandID()
+			reply, err := c.command(cmd.Context(), events.KindHost, events.VerbRegister, &reg)
+			if err != nil {
+				return err
+			}
+			return printReply(cmd.OutOrStdout(), flags.output, reply)
+		},
+	}
+	register.Flags().IntVar(&reg.CPU, "cpu", 0, "CPUs the host offers")
+	register.Flags().IntVar(&reg.MemoryMiB, "mem", 0, "memory the host offers, MiB")
+	register.Flags().StringVar(&reg.Address, "addr", "", "the host's tunnel endpoint address")
+
+	cordon := func(uncordon bool) *cobra.Command {
+		verb, short := events.VerbCordon, "Stop placing new VMs on a host"
+		if uncordon {
+			verb, short = events.VerbUncordon, "Place new VMs on a host again"
+		}
+		var reason string
+		c := &cobra.Command{
+			Use: verb + " NAME", Short: short, Args: cobra.ExactArgs(1),
+			RunE: func(cmd *cobra.Command, args []string) error {
+				c, err := flags.connect()
+				if err != nil {
+					return err
+				}
+				defer c.close()
+				body := events.CordonHost{CommandMeta: events.CommandMeta{CommandID: c.newCommandID()}, Name: args[0], Reason: reason, Uncordon: uncordon}
+				reply, err := c.command(cmd.Context(), events.KindHost, verb, &body)
+				if err != nil {
+					return err
+				}
+				return printReply(cmd.OutOrStdout(), flags.output, reply)
+			},
+		}
+		if !uncordon {
+			c.Flags().StringVar(&reason, "reason", "", "why, for the record")
+		}
+		return c
+	}
+
+	list := &cobra.Command{
+		Use: "list", Short: "List hosts with their capacity", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := flags.connect()
+			if err != nil {
+				return err
+			}
+			defer c.close()
+			reply, err := c.query(cmd.Context(), events.KindHost, events.VerbList, events.Query{})
+			if err != nil {
+				return err
+			}
+			if flags.output == "json" {
+				return printJSON(cmd.OutOrStdout(), reply.Hosts)
+			}
+			rows := make([][]string, 0, len(reply.Hosts))
+			for _, h := range reply.Hosts {
+				state := "ready"
+				if h.Cordoned {
+					state = "cordoned"
+				}
+				orphans := make([]string, 0, len(h.Orphans))
+				for name := range h.Orphans {
+					orphans = append(orphans, name)
+				}
+				sort.Strings(orphans)
+				rows = append(rows, []string{h.Name, state,
+					fmt.Sprintf("%d/%d", h.UsedCPU, h.CPU), fmt.Sprintf("%d/%d", h.UsedMiB, h.MemoryMiB),
+					strconv.Itoa(h.VMs), orDash(strings.Join(orphans, ","))})
+			}
+			return table(cmd.OutOrStdout(), []string{"HOST", "STATE", "CPU USED", "MEM USED (MiB)", "VMS", "ORPHANS"}, rows)
+		},
+	}
+	cmd.AddCommand(register, cordon(false), cordon(true), list)
+	return cmd
+}

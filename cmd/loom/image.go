@@ -1,0 +1,60 @@
+package main
+
+import (
+	"strconv"
+
+	"github.com/spf13/cobra"
+
+	"github.com/loomctl/loom/events"
+)
+
+func newImageCommand(flags *clientFlags) *cobra.Command {
+	cmd := &cobra.Command{Use: "image", Short: "Images VMs are created from"}
+	flags.registerCommandFlags(cmd)
+	var reg events.RegisterImage
+	register := &cobra.Command{
+		Use: "register NAME", Short: "Register an image", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := flags.connect()
+			if err != nil {
+				return err
+			}
+			defer c.close()
+			reg.Name, reg.CommandID = args[0], c.newCommandID()
+			reply, err := c.command(cmd.Context(), events.KindImage, events.VerbRegister, &reg)
+			if err != nil {
+				return err
+			}
+			return printReply(cmd.OutOrStdout(), flags.output, reply)
+		},
+	}
+	register.Flags().StringVar(&reg.Format, "format", "qcow2", "disk format: qcow2 or raw")
+	register.Flags().Int64Var(&reg.SizeBytes, "size", 0, "virtual size in bytes")
+	register.Flags().StringVar(&reg.Source, "source", "", "where the image's bytes are (path or URL)")
+	register.Flags().StringVar(&reg.Checksum, "checksum", "", "sha256:<hex> digest of the image")
+
+	list := &cobra.Command{
+		Use: "list", Short: "List images", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := flags.connect()
+			if err != nil {
+				return err
+			}
+			defer c.close()
+			reply, err := c.query(cmd.Context(), events.KindImage, events.VerbList, events.Query{})
+			if err != nil {
+				return err
+			}
+			if flags.output == "json" {
+				return printJSON(cmd.OutOrStdout(), reply.Images)
+			}
+			rows := make([][]string, 0, len(reply.Images))
+			for _, im := range reply.Images {
+				rows = append(rows, []string{im.Name, im.Format, strconv.FormatInt(im.SizeBytes, 10), orDash(im.Source)})
+			}
+			return table(cmd.OutOrStdout(), []string{"IMAGE", "FORMAT", "SIZE", "SOURCE"}, rows)
+		},
+	}
+	cmd.AddCommand(register, list)
+	return cmd
+}

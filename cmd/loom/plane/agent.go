@@ -1,0 +1,90 @@
+package plane
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/loomctl/loom/agents"
+	"github.com/loomctl/loom/agents/libvirt"
+)
+
+// AgentConfig configures one host agent.
+type AgentConfig struct {
+	// Host is the name the agent acts for.
+	Host string
+	// Socket is libvirtd's read-write unix socket; URI picks its driver.
+	Socket, URI string
+	// Simulated says the host is libvirt's test driver, as loom up and the
+	// benchmarks run it. The driver forgets every domain when its last
+	// connection closes, so a second connection is held open for the whole
+	// run (or the host would lose its guests each time the agent
+	// reconnects), and the driver's built-in domain "test" is removed
+	// first, so the host starts empty instead of with an orphan.
+	Simulated bool
+	// TTL of each liveness renewal and StopGrace for guest shutdowns; zero
+	// takes the agent's defaults.
+	TTL, StopGrace time.Duration
+	// HTTPAddr serves the agent's /metrics; empty serves none.
+	HTTPAddr string
+}
+
+// RunAgent runs a host agent until ctx ends. It dials libvirtd again
+// whenever the connection is lost.
+func RunAgent(ctx context.Context, conn *Connection, cfg AgentConfig, log *slog.Logger) error {
+	lv := libvirt.Config{Socket: cfg.Socket, URI: cfg.URI}
+	if cfg.Simulated {
+		held, err := libvirt.Dial(ctx, lv)
+		if err != nil {
+			return fmt.Errorf("agent %s: hold libvirt open: %w", cfg.Host, err)
+		}
+		defer held.Close()
+		if err := clearTestDomain(ctx, held); err != nil {
+			return fmt.Errorf("agent %s: %w", cfg.Host, err)
+		}
+	}
+	agent, err := agents.New(agents.Config{
+		Host: cfg.Host, Conn: conn.Conn, JS: conn.JS,
+		Dial: func(ctx context.Context) (agents.Hypervisor, error) {
+			c, err := libvirt.Dial(ctx, lv)
+			if err != nil {
+				return nil, err // a nil *Client must not become a non-nil interface
+			}
+			return c, nil
+		},
+		TTL: cfg.TTL, StopGrace: cfg.StopGrace,
+		Logger: log.With("host", cfg.Host),
+	})
+	if err != nil {
+		return err
+	}
+	if cfg.HTTPAddr != "" {
+		registry := newRegistry(agent.Collectors()...)
+		go func() {
+			if err := serveMetrics(ctx, cfg.HTTPAddr, registry, log); err != nil {
+				log.Error("agent metrics", "err", err)
+			}
+		}()
+	}
+	err = agent.Run(ctx)
+	if errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}
+
+// testDomain is the domain libvirt's test:///default driver starts with.
+const testDomain = "test"
+
+// clearTestDomain removes the test driver's built-in domain, if present.
+func clearTestDomain(ctx context.Context, c *libvirt.Client) error {
+	if err := c.Destroy(ctx, testDomain); err != nil && !errors.Is(err, libvirt.ErrNotFound) {
+		return fmt.Errorf("clear the test driver's domain: %w", err)
+	}
+	if err := c.Undefine(ctx, testDomain); err != nil && !errors.Is(err, libvirt.ErrNotFound) {
+		return fmt.Errorf("clear the test driver's domain: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,140 @@
+package plane
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"path/filepath"
+	"time"
+
+	"github.com/nats-io/nats.go/micro"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/bus"
+	"github.com/loomctl/loom/handlers"
+	"github.com/loomctl/loom/projections"
+	"github.com/loomctl/loom/projections/dispatch"
+)
+
+// Version is Loom's version, reported by the micro service.
+const Version = "0.1.0"
+
+// ControlPlaneConfig configures the control plane.
+type ControlPlaneConfig struct {
+	// DataDir holds the read models, under DataDir/projections.
+	DataDir string
+	// HTTPAddr serves /metrics and /readyz; empty serves none.
+	HTTPAddr string
+	// Ready, if set, is closed once the service answers requests.
+	Ready chan<- struct{}
+}
+
+// RunControlPlane runs every part of `loom serve` until ctx ends.
+func RunControlPlane(ctx context.Context, conn *Connection, cfg ControlPlaneConfig, log *slog.Logger) error {
+	dataDir, httpAddr := cfg.DataDir, cfg.HTTPAddr
+	var dispatcher *dispatch.Dispatcher
+	store, err := projections.Open(filepath.Join(dataDir, "projections"), projections.Options{
+		Logger:   log.With("component", "projections"),
+		OnCommit: func(_ uint64, vms []string) { dispatcher.Notify(vms) },
+	})
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	reader := readModel{store}
+	dispatcher = dispatch.New(dispatch.Config{Conn: conn.Conn, JS: conn.JS, Reader: reader, Logger: log})
+	commands, err := handlers.New(handlers.Config{JS: conn.JS, Conn: conn.Conn, Reader: reader, Now: time.Now, Logger: log.With("component", "handlers")})
+	if err != nil {
+		return err
+	}
+	svc, err := micro.AddService(conn.Conn, micro.Config{
+		Name: "loom", Version: Version, QueueGroup: "loom",
+		Description: "Loom's commands (loom.cmd.>) and queries (loom.q.>)",
+	})
+	if err != nil {
+		return fmt.Errorf("micro service: %w", err)
+	}
+	defer func() {
+		// Stop taking requests first, then let those in flight finish: a
+		// create cut short here is completed by the scheduler next start.
+		_ = svc.Stop()
+		closing, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := commands.Close(closing); err != nil {
+			log.Warn("handlers did not finish in time", "err", err)
+		}
+	}()
+	if err := commands.AddEndpoints(svc); err != nil {
+		return err
+	}
+	if err := store.AddQueryEndpoints(svc); err != nil {
+		return err
+	}
+
+	registry := newRegistry(append(store.Collectors(), commands.Collectors()...)...)
+
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return store.Run(ctx, conn.JS) })
+	g.Go(func() error { return dispatcher.Run(ctx) })
+	g.Go(func() error { return commands.RunScheduler(ctx) })
+	if httpAddr != "" {
+		mux := metricsMux(registry)
+		mux.Handle("/readyz", readyHandler(conn, store))
+		g.Go(func() error { return serveHTTP(ctx, httpAddr, mux, log) })
+	}
+	if cfg.Ready != nil {
+		close(cfg.Ready)
+	}
+	log.Info("control plane running", "nats", conn.URL, "http", httpAddr, "data", dataDir)
+	err = g.Wait()
+	if errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}
+
+// readyHandler answers /readyz: ready means connected to NATS and the read
+// models caught up with the stream as it was a moment ago.
+func readyHandler(conn *Connection, store *projections.Store) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if !conn.Conn.IsConnected() {
+			http.Error(w, "not connected to NATS", http.StatusServiceUnavailable)
+			return
+		}
+		rctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		last, err := bus.LastSeq(rctx, conn.JS, events.StreamEvents)
+		if err != nil {
+			http.Error(w, "stream: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		if err := store.WaitFor(rctx, last); err != nil {
+			http.Error(w, fmt.Sprintf("read models at %d, stream at %d", store.Applied(), last), http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintf(w, "ready: read models at %d\n", store.Applied())
+	}
+}
+
+// readModel adapts the projections store to what the handlers and the
+// dispatcher declare they need.
+type readModel struct{ *projections.Store }
+
+func (r readModel) AllVMs(ctx context.Context) ([]events.VMState, error) {
+	return r.VMs(ctx, projections.VMFilter{IncludeGone: true})
+}
+
+func (r readModel) Hosts(ctx context.Context) ([]events.HostState, error) {
+	rows, err := r.Store.Hosts(ctx)
+	if err != nil {
+		return nil, err
+	}
+	hosts := make([]events.HostState, len(rows))
+	for i, row := range rows {
+		hosts[i] = row.State
+	}
+	return hosts, nil
+}

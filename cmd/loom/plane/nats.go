@@ -1,0 +1,134 @@
+package plane
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/loomctl/loom/events/bus"
+)
+
+// NATSConfig says which NATS to use: an embedded server, or a cluster.
+type NATSConfig struct {
+	// URL names an external NATS; empty means embed one.
+	URL string
+	// Listen is the embedded server's client address; port 0 picks a free one.
+	Listen string
+	// Sync is "always" (fsync before every ack) or an fsync interval.
+	Sync string
+	// Replicas of Loom's streams.
+	Replicas int
+}
+
+// DefaultListen is where an embedded server listens unless told otherwise.
+const DefaultListen = "127.0.0.1:4222"
+
+// ServerConfig turns the config into the embedded server's settings, with
+// its files under dataDir/nats.
+func (c NATSConfig) ServerConfig(dataDir string) (bus.ServerConfig, error) {
+	listen := c.Listen
+	if listen == "" {
+		listen = DefaultListen
+	}
+	host, portText, err := net.SplitHostPort(listen)
+	if err != nil {
+		return bus.ServerConfig{}, fmt.Errorf("listen %q: %w", listen, err)
+	}
+	port, err := strconv.Atoi(portText)
+	if err != nil || port < 0 || port > 65535 {
+		return bus.ServerConfig{}, fmt.Errorf("listen %q: bad port", listen)
+	}
+	if port == 0 {
+		port = -1 // the server's "any free port"
+	}
+	cfg := bus.ServerConfig{DataDir: filepath.Join(dataDir, "nats"), Host: host, Port: port}
+	switch c.Sync {
+	case "", "always":
+		cfg.SyncAlways = true
+	default:
+		d, err := time.ParseDuration(c.Sync)
+		if err != nil || d <= 0 {
+			return bus.ServerConfig{}, fmt.Errorf("sync %q: want always or a positive duration", c.Sync)
+		}
+		cfg.SyncInterval = d
+	}
+	return cfg, nil
+}
+
+// Connection is a NATS connection, and the embedded server behind it if any.
+type Connection struct {
+	Server *bus.Server
+	Conn   *nats.Conn
+	JS     jetstream.JetStream
+	// URL reaches the server: clients connect here.
+	URL string
+}
+
+// Close drains the connection and stops the embedded server.
+func (c *Connection) Close() {
+	if c.Conn != nil {
+		_ = c.Conn.Drain()
+		c.Conn.Close()
+	}
+	if c.Server != nil {
+		c.Server.Stop()
+	}
+}
+
+// Connect starts the embedded server unless cfg names a cluster, connects,
+// and makes sure Loom's streams exist with the required settings.
+func Connect(ctx context.Context, cfg NATSConfig, dataDir, name string, log *slog.Logger) (*Connection, error) {
+	conn := &Connection{URL: cfg.URL}
+	if cfg.URL == "" {
+		scfg, err := cfg.ServerConfig(dataDir)
+		if err != nil {
+			return nil, err
+		}
+		conn.Server, err = bus.StartServer(ctx, scfg)
+		if err != nil {
+			return nil, err
+		}
+		conn.URL = conn.Server.ClientURL()
+		log.Info("embedded NATS started", "url", conn.URL, "store", scfg.DataDir, "sync_always", scfg.SyncAlways, "sync_interval", scfg.SyncInterval)
+	}
+	if err := conn.dial(name); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	if err := bus.EnsureStreams(ctx, conn.JS, bus.StreamsConfig{Replicas: cfg.Replicas}); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return conn, nil
+}
+
+// Join connects to a running Loom's NATS at url without touching its
+// streams: what a host agent does. Only the control plane creates streams.
+func Join(url, name string) (*Connection, error) {
+	conn := &Connection{URL: url}
+	if err := conn.dial(name); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return conn, nil
+}
+
+// dial connects to c.URL, reconnecting forever once connected.
+func (c *Connection) dial(name string) error {
+	var err error
+	c.Conn, err = nats.Connect(c.URL, nats.Name(name), nats.MaxReconnects(-1), nats.ReconnectWait(250*time.Millisecond))
+	if err != nil {
+		return fmt.Errorf("connect %s: %w", c.URL, err)
+	}
+	if c.JS, err = jetstream.New(c.Conn); err != nil {
+		return fmt.Errorf("jetstream on %s: %w", c.URL, err)
+	}
+	return nil
+}

@@ -1,0 +1,61 @@
+package main
+
+import (
+	"log/slog"
+	"os"
+
+	"github.com/spf13/cobra"
+
+	"github.com/loomctl/loom/cmd/loom/plane"
+)
+
+// registerNATSFlags binds the flags that choose the NATS server.
+func registerNATSFlags(cmd *cobra.Command, c *plane.NATSConfig) {
+	cmd.Flags().StringVar(&c.URL, "nats-url", "", "use this NATS cluster instead of an embedded server")
+	cmd.Flags().StringVar(&c.Listen, "listen", plane.DefaultListen, "embedded NATS: client listen address")
+	cmd.Flags().StringVar(&c.Sync, "sync", "always", "embedded NATS: fsync every write before acking (always), or every DURATION (e.g. 2m: faster, but a machine crash may lose that much)")
+	cmd.Flags().IntVar(&c.Replicas, "replicas", 1, "replicas of Loom's streams (3 or 5 on a cluster)")
+}
+
+func newServeCommand() *cobra.Command {
+	var (
+		natsCfg  plane.NATSConfig
+		dataDir  string
+		httpAddr string
+		verbose  bool
+	)
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Run the control plane: commands, projections, queries, dispatcher, scheduler, metrics",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			log := newLogger(verbose)
+			conn, err := plane.Connect(cmd.Context(), natsCfg, dataDir, "loom-serve", log)
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			return plane.RunControlPlane(cmd.Context(), conn, plane.ControlPlaneConfig{DataDir: dataDir, HTTPAddr: httpAddr}, log)
+		},
+	}
+	registerNATSFlags(cmd, &natsCfg)
+	cmd.Flags().StringVar(&dataDir, "data-dir", defaultDataDir(), "where the embedded NATS and the read models keep their files")
+	cmd.Flags().StringVar(&httpAddr, "http", "127.0.0.1:9464", "HTTP address for /metrics and /readyz (empty: none)")
+	cmd.Flags().BoolVarP(&verbose, "verbose", "v", false, "debug logging")
+	return cmd
+}
+
+func defaultDataDir() string {
+	if d := os.Getenv("LOOM_DATA"); d != "" {
+		return d
+	}
+	return ".loom"
+}
+
+func newLogger(verbose bool) *slog.Logger {
+	level := slog.LevelInfo
+	if verbose {
+		level = slog.LevelDebug
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+}

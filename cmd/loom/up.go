@@ -1,0 +1,201 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/loomctl/loom/cmd/loom/plane"
+	"github.com/loomctl/loom/events"
+)
+
+// upConfig configures `loom up`.
+type upConfig struct {
+	nats     plane.NATSConfig
+	dataDir  string
+	httpAddr string
+	hosts    int
+	hostCPU  int
+	hostMiB  int
+	qemu     bool
+	verbose  bool
+}
+
+func newUpCommand() *cobra.Command {
+	var cfg upConfig
+	cmd := &cobra.Command{
+		Use:   "up",
+		Short: "Run everything on this machine: embedded NATS, the control plane, simulated hosts with their agents",
+		Long: `loom up starts, on this machine: an embedded NATS server on port 4222, the
+control plane (as loom serve), N simulated hosts (each a private libvirtd on
+libvirt's test driver, in its own mount and network namespace, started by
+ops/libvirt/host.sh) with one agent each, and registers the hosts and a demo
+image. Ctrl-C stops everything it started. Needs root.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if cfg.qemu {
+				return events.Errorf(events.CodeInvalidArgument, "--qemu (real guests) is not built yet: use the test driver for now")
+			}
+			return runUp(cmd.Context(), cfg, cmd.OutOrStdout())
+		},
+	}
+	registerNATSFlags(cmd, &cfg.nats)
+	cmd.Flags().StringVar(&cfg.dataDir, "data-dir", defaultDataDir(), "where NATS, the read models and the simulated hosts keep their files")
+	cmd.Flags().StringVar(&cfg.httpAddr, "http", "127.0.0.1:9464", "HTTP address for /metrics and /readyz")
+	cmd.Flags().IntVar(&cfg.hosts, "hosts", 3, "simulated hosts to start")
+	cmd.Flags().IntVar(&cfg.hostCPU, "host-cpu", 16, "CPUs each simulated host offers")
+	cmd.Flags().IntVar(&cfg.hostMiB, "host-mem", 32768, "memory each simulated host offers, MiB")
+	cmd.Flags().BoolVar(&cfg.qemu, "qemu", false, "run real QEMU guests instead of the test driver")
+	cmd.Flags().BoolVarP(&cfg.verbose, "verbose", "v", false, "debug logging")
+	return cmd
+}
+
+func runUp(ctx context.Context, cfg upConfig, out io.Writer) error {
+	if cfg.hosts < 1 || cfg.hosts > 250 {
+		return fmt.Errorf("--hosts %d: want 1..250", cfg.hosts)
+	}
+	log := newLogger(cfg.verbose)
+	dataDir, err := filepath.Abs(cfg.dataDir)
+	if err != nil {
+		return err
+	}
+	hostScript, err := findOpsScript("libvirt/host.sh")
+	if err != nil {
+		return err
+	}
+	conn, err := plane.Connect(ctx, cfg.nats, dataDir, "loom-up", log)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+
+	// Simulated hosts: one namespaced libvirtd each, stopped on the way out.
+	sockets := make([]string, cfg.hosts)
+	for i := range sockets {
+		dir := filepath.Join(dataDir, "hosts", hostName(i))
+		out, err := exec.CommandContext(ctx, hostScript, "start", dir, fmt.Sprint(i+1)).Output()
+		if err != nil {
+			return fmt.Errorf("start libvirtd for %s: %w (%s)", hostName(i), err, exitText(err))
+		}
+		sockets[i] = strings.TrimSpace(string(out))
+		defer stopHost(hostScript, dir, log)
+	}
+
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		return plane.RunControlPlane(ctx, conn, plane.ControlPlaneConfig{DataDir: dataDir, HTTPAddr: cfg.httpAddr}, log)
+	})
+	for i, socket := range sockets {
+		name := hostName(i)
+		g.Go(func() error {
+			return plane.RunAgent(ctx, conn, plane.AgentConfig{Host: name, Socket: socket, URI: "test:///default", Simulated: true}, log)
+		})
+	}
+	g.Go(func() error {
+		if err := registerFleet(ctx, conn, cfg); err != nil {
+			return err
+		}
+		printWhere(out, conn, cfg, dataDir, sockets)
+		return nil
+	})
+	err = g.Wait()
+	if errors.Is(err, context.Canceled) || ctx.Err() != nil {
+		log.Info("stopping")
+		return nil
+	}
+	return err
+}
+
+func hostName(i int) string { return fmt.Sprintf("host-%d", i+1) }
+
+// registerFleet registers the simulated hosts and the demo image, with
+// command ids fixed per data dir, so running `loom up` again is a no-op.
+func registerFleet(ctx context.Context, conn *plane.Connection, cfg upConfig) error {
+	c := &client{flags: &clientFlags{actor: "loom-up", timeout: 15 * time.Second}, nc: conn.Conn}
+	send := func(kind events.Kind, body any) error {
+		// The control plane may still be starting: retry while nobody serves.
+		return retryUnavailable(ctx, func() error {
+			_, err := c.command(ctx, kind, events.VerbRegister, body)
+			return err
+		})
+	}
+	for i := 0; i < cfg.hosts; i++ {
+		reg := events.RegisterHost{CommandMeta: events.CommandMeta{CommandID: "up-register-" + hostName(i)},
+			Name: hostName(i), CPU: cfg.hostCPU, MemoryMiB: cfg.hostMiB}
+		if err := send(events.KindHost, &reg); err != nil {
+			return fmt.Errorf("register %s: %w", reg.Name, err)
+		}
+	}
+	img := events.RegisterImage{CommandMeta: events.CommandMeta{CommandID: "up-register-demo"},
+		Name: "demo", Format: "qcow2", SizeBytes: 64 << 20, Source: "builtin:demo"}
+	if err := send(events.KindImage, &img); err != nil {
+		return fmt.Errorf("register image demo: %w", err)
+	}
+	return nil
+}
+
+func printWhere(w io.Writer, conn *plane.Connection, cfg upConfig, dataDir string, sockets []string) {
+	fmt.Fprintf(w, "\nLoom is up.\n")
+	fmt.Fprintf(w, "  NATS        %s  (client verbs find it with no flags)\n", conn.URL)
+	if cfg.httpAddr != "" {
+		fmt.Fprintf(w, "  metrics     http://%s/metrics   readiness http://%s/readyz\n", cfg.httpAddr, cfg.httpAddr)
+	}
+	fmt.Fprintf(w, "  data        %s\n", dataDir)
+	for i, s := range sockets {
+		fmt.Fprintf(w, "  %-10s  libvirtd %s (test driver), %d CPU, %d MiB\n", hostName(i), s, cfg.hostCPU, cfg.hostMiB)
+	}
+	fmt.Fprintf(w, "  image       demo\n\nTry, in another shell:\n")
+	fmt.Fprintf(w, "  loom vm create web-1 --image demo --cpu 1 --mem 256 --wait 30s\n  loom vm get web-1\n  loom events tail\n\nCtrl-C stops everything.\n")
+}
+
+func stopHost(script, dir string, log *slog.Logger) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if out, err := exec.CommandContext(ctx, script, "stop", dir).CombinedOutput(); err != nil {
+		log.Warn("stop libvirtd", "dir", dir, "err", err, "output", string(out))
+	}
+}
+
+// findOpsScript finds ops/<rel> beside the binary's source tree: from the
+// working directory upwards, then from the executable's directory upwards.
+func findOpsScript(rel string) (string, error) {
+	var starts []string
+	if wd, err := os.Getwd(); err == nil {
+		starts = append(starts, wd)
+	}
+	if exe, err := os.Executable(); err == nil {
+		starts = append(starts, filepath.Dir(exe))
+	}
+	for _, dir := range starts {
+		for {
+			candidate := filepath.Join(dir, "ops", rel)
+			if _, err := os.Stat(candidate); err == nil {
+				return candidate, nil
+			}
+			parent := filepath.Dir(dir)
+			if parent == dir {
+				break
+			}
+			dir = parent
+		}
+	}
+	return "", fmt.Errorf("ops/%s not found above %v: run loom up from the Loom checkout", rel, starts)
+}
+
+func exitText(err error) string {
+	var exit *exec.ExitError
+	if errors.As(err, &exit) {
+		return strings.TrimSpace(string(exit.Stderr))
+	}
+	return ""
+}

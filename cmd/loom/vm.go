@@ -1,0 +1,197 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strconv"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/loomctl/loom/events"
+)
+
+func newVMCommand(flags *clientFlags) *cobra.Command {
+	cmd := &cobra.Command{Use: "vm", Short: "Virtual machines"}
+	flags.registerCommandFlags(cmd)
+	var wait time.Duration
+
+	var create events.CreateVM
+	createCmd := &cobra.Command{
+		Use: "create NAME --image IMAGE --cpu N --mem MIB", Short: "Create a VM and place it on a host with room", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := flags.connect()
+			if err != nil {
+				return err
+			}
+			defer c.close()
+			create.Name, create.CommandID = args[0], c.newCommandID()
+			reply, err := c.command(cmd.Context(), events.KindVM, events.VerbCreate, &create)
+			if err != nil {
+				return err
+			}
+			return finish(cmd, c, reply, create.Name, wait)
+		},
+	}
+	createCmd.Flags().StringVar(&create.Image, "image", "", "image to create the VM from")
+	createCmd.Flags().IntVar(&create.CPU, "cpu", 1, "vCPUs")
+	createCmd.Flags().IntVar(&create.MemoryMiB, "mem", 256, "memory, MiB")
+	createCmd.Flags().BoolVar(&create.Stopped, "stopped", false, "create without starting")
+	createCmd.Flags().DurationVar(&wait, "wait", 0, "wait up to this long for the VM to converge (e.g. --wait 30s)")
+
+	lifecycle := func(verb, short string) *cobra.Command {
+		var wait time.Duration
+		c := &cobra.Command{
+			Use: verb + " NAME", Short: short, Args: cobra.ExactArgs(1),
+			RunE: func(cmd *cobra.Command, args []string) error {
+				c, err := flags.connect()
+				if err != nil {
+					return err
+				}
+				defer c.close()
+				body := events.VMCommand{CommandMeta: events.CommandMeta{CommandID: c.newCommandID()}, Name: args[0]}
+				reply, err := c.command(cmd.Context(), events.KindVM, verb, &body)
+				if err != nil {
+					return err
+				}
+				return finish(cmd, c, reply, args[0], wait)
+			},
+		}
+		c.Flags().DurationVar(&wait, "wait", 0, "wait up to this long for the VM to converge (e.g. --wait 30s)")
+		return c
+	}
+
+	var host string
+	var all bool
+	list := &cobra.Command{
+		Use: "list", Short: "List VMs", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := flags.connect()
+			if err != nil {
+				return err
+			}
+			defer c.close()
+			reply, err := c.query(cmd.Context(), events.KindVM, events.VerbList, events.Query{Host: host, IncludeGone: all})
+			if err != nil {
+				return err
+			}
+			if flags.output == "json" {
+				return printJSON(cmd.OutOrStdout(), reply.VMs)
+			}
+			rows := make([][]string, 0, len(reply.VMs))
+			for _, vm := range reply.VMs {
+				rows = append(rows, []string{vm.Name, orDash(vm.Host), string(vm.Desired), orDash(string(vm.Observed.State)),
+					strconv.FormatBool(vm.Converged), strconv.Itoa(vm.CPU), strconv.Itoa(vm.MemoryMiB), vm.Image})
+			}
+			return table(cmd.OutOrStdout(), []string{"VM", "HOST", "GOAL", "OBSERVED", "CONVERGED", "CPU", "MEM", "IMAGE"}, rows)
+		},
+	}
+	list.Flags().StringVar(&host, "host", "", "only VMs on this host")
+	list.Flags().BoolVar(&all, "all", false, "include deleted VMs")
+
+	get := &cobra.Command{
+		Use: "get NAME", Short: "Show a VM: its goal, what its host observed, and whether they agree", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := flags.connect()
+			if err != nil {
+				return err
+			}
+			defer c.close()
+			reply, err := c.query(cmd.Context(), events.KindVM, events.VerbGet, events.Query{Name: args[0]})
+			if err != nil {
+				return err
+			}
+			if len(reply.VMs) != 1 {
+				return events.Errorf(events.CodeVMNotFound, "no VM %q", args[0])
+			}
+			return printVM(cmd.OutOrStdout(), flags.output, &reply.VMs[0])
+		},
+	}
+	cmd.AddCommand(createCmd,
+		lifecycle(events.VerbStart, "Start a VM"), lifecycle(events.VerbStop, "Stop a VM (ACPI shutdown, then power off after a grace period)"),
+		lifecycle(events.VerbPause, "Pause a VM"), lifecycle(events.VerbResume, "Resume a paused VM"),
+		lifecycle(events.VerbDelete, "Delete a VM: destroy and undefine its domain"),
+		list, get)
+	return cmd
+}
+
+func printVM(w io.Writer, output string, vm *events.VMView) error {
+	if output == "json" {
+		return printJSON(w, vm)
+	}
+	fault := "-"
+	if vm.Observed.Fault != nil {
+		fault = vm.Observed.Fault.Error()
+	}
+	goal := string(vm.Desired)
+	if vm.AbsentReason != "" {
+		goal += " (" + vm.AbsentReason + ")"
+	}
+	return table(w, []string{"FIELD", "VALUE"}, [][]string{
+		{"name", vm.Name}, {"uid", vm.UID}, {"phase", string(vm.Phase)}, {"host", orDash(vm.Host)},
+		{"image", vm.Image}, {"cpu", strconv.Itoa(vm.CPU)}, {"memory", strconv.Itoa(vm.MemoryMiB) + " MiB"},
+		{"goal", goal}, {"incarnation", strconv.FormatUint(vm.Incarnation, 10)},
+		{"observed", orDash(string(vm.Observed.State))}, {"observed incarnation", strconv.FormatUint(vm.Observed.Incarnation, 10)},
+		{"observed at", ago(vm.Observed.Time)}, {"fault", fault}, {"converged", strconv.FormatBool(vm.Converged)},
+	})
+}
+
+// finish prints a command's reply and, with --wait, waits for the VM to
+// converge (or, after a delete, to be gone).
+func finish(cmd *cobra.Command, c *client, reply *events.Reply, name string, wait time.Duration) error {
+	if err := printReply(cmd.OutOrStdout(), c.flags.output, reply); err != nil {
+		return err
+	}
+	if wait <= 0 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(cmd.Context(), wait)
+	defer cancel()
+	vm, err := waitConverged(ctx, c, name, reply.LastSeq())
+	if err != nil {
+		return err
+	}
+	if vm == nil {
+		fmt.Fprintf(cmd.ErrOrStderr(), "%s is gone\n", name)
+		return nil
+	}
+	fmt.Fprintf(cmd.ErrOrStderr(), "%s converged: %s on %s\n", name, vm.Observed.State, vm.Host)
+	return nil
+}
+
+// waitConverged polls the VM read model (reflecting at least minSeq) until
+// the VM converged; nil when it is gone.
+func waitConverged(ctx context.Context, c *client, name string, minSeq uint64) (*events.VMView, error) {
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	var last *events.VMView
+	for {
+		reply, err := c.query(ctx, events.KindVM, events.VerbGet, events.Query{Name: name, MinSeq: minSeq, IncludeGone: true})
+		var f *events.Fault
+		switch {
+		case errors.As(err, &f) && f.Code == events.CodeVMNotFound:
+			return nil, nil
+		case err != nil && ctx.Err() == nil:
+			return nil, err
+		case err == nil && len(reply.VMs) == 1:
+			vm := reply.VMs[0]
+			last = &vm
+			if vm.Phase == events.PhaseGone {
+				return nil, nil
+			}
+			if vm.Converged {
+				return &vm, nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			if last != nil && last.Observed.Fault != nil {
+				return nil, fmt.Errorf("%s not converged: %s", name, last.Observed.Fault.Error())
+			}
+			return nil, events.Errorf(events.CodeTimeout, "%s did not converge in time", name)
+		case <-tick.C:
+		}
+	}
+}
