@@ -1,0 +1,265 @@
+//go:build integration
+
+package integration
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	lv "github.com/loomctl/loom/agents/libvirt"
+	"github.com/loomctl/loom/agents/libvirt/libvirttest"
+	"github.com/loomctl/loom/cmd/loom/plane"
+	"github.com/loomctl/loom/events"
+)
+
+// fleet is Loom on one machine, for a test: NATS, the control plane, and
+// hosts with their agents, each restartable.
+type fleet struct {
+	t       *testing.T
+	dir     string
+	conn    *plane.Connection
+	plane   *part
+	hosts   map[string]*host
+	actor   string
+	counter atomic.Int64
+}
+
+// host is one simulated host: its libvirtd, a connection the harness holds
+// open (test:///default lives as long as some connection does), and its agent.
+type host struct {
+	name   string
+	socket string
+	virt   *lv.Client
+	agent  *part
+}
+
+// part is something the harness runs and can stop and start again.
+type part struct {
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func (p *part) stop(t *testing.T) {
+	t.Helper()
+	if p == nil || p.cancel == nil {
+		return
+	}
+	p.cancel()
+	select {
+	case err := <-p.done:
+		if err != nil && !errors.Is(err, context.Canceled) {
+			t.Errorf("part stopped with: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("part did not stop within 20s")
+	}
+	p.cancel = nil
+}
+
+func run(f func(ctx context.Context) error) *part {
+	ctx, cancel := context.WithCancel(context.Background())
+	p := &part{cancel: cancel, done: make(chan error, 1)}
+	go func() { p.done <- f(ctx) }()
+	return p
+}
+
+func logger(t *testing.T) *slog.Logger {
+	if os.Getenv("LOOM_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+// newFleet starts NATS, the control plane and hosts on libvirtd daemons
+// with the given indexes (distinct per test so tests run in parallel).
+func newFleet(t *testing.T, daemonIndexes ...int) *fleet {
+	t.Helper()
+	f := &fleet{t: t, dir: t.TempDir(), hosts: map[string]*host{}, actor: "it-" + t.Name()}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var err error
+	f.conn, err = plane.Connect(ctx, plane.NATSConfig{Listen: "127.0.0.1:0", Sync: "1s"}, f.dir, "it", logger(t))
+	if err != nil {
+		t.Fatalf("nats: %v", err)
+	}
+	t.Cleanup(f.conn.Close)
+	f.startPlane()
+	for i, idx := range daemonIndexes {
+		name := "host-" + strconv.Itoa(i+1)
+		socket := libvirttest.StartDaemon(t, idx)
+		virt, err := lv.Dial(ctx, lv.Config{Socket: socket, URI: "test:///default"})
+		if err != nil {
+			t.Fatalf("dial %s: %v", name, err)
+		}
+		t.Cleanup(func() { virt.Close() })
+		h := &host{name: name, socket: socket, virt: virt}
+		f.hosts[name] = h
+		f.startAgent(name)
+		f.mustCommand(events.KindHost, events.VerbRegister, &events.RegisterHost{Name: name, CPU: 4, MemoryMiB: 4096})
+	}
+	f.mustCommand(events.KindImage, events.VerbRegister, &events.RegisterImage{Name: "demo", Format: "qcow2", SizeBytes: 1 << 26})
+	t.Cleanup(func() {
+		for _, h := range f.hosts {
+			h.agent.stop(t)
+		}
+		f.plane.stop(t)
+	})
+	return f
+}
+
+func (f *fleet) startPlane() {
+	ready := make(chan struct{})
+	f.plane = run(func(ctx context.Context) error {
+		return plane.RunControlPlane(ctx, f.conn, plane.ControlPlaneConfig{DataDir: f.dir, Ready: ready}, logger(f.t))
+	})
+	select {
+	case <-ready:
+	case err := <-f.plane.done:
+		f.t.Fatalf("control plane: %v", err)
+	case <-time.After(30 * time.Second):
+		f.t.Fatal("control plane not ready in 30s")
+	}
+}
+
+func (f *fleet) startAgent(name string) {
+	h := f.hosts[name]
+	h.agent = run(func(ctx context.Context) error {
+		return plane.RunAgent(ctx, f.conn, plane.AgentConfig{Host: name, Socket: h.socket, URI: "test:///default",
+			TTL: 2 * time.Second, StopGrace: time.Second}, logger(f.t))
+	})
+}
+
+// command sends a command with a fresh command id (unless the body has one)
+// and returns the reply or its fault.
+func (f *fleet) command(kind events.Kind, verb string, body any) (*events.Reply, error) {
+	f.t.Helper()
+	setCommandID(body, fmt.Sprintf("%s-%d", f.t.Name(), f.counter.Add(1)))
+	data, err := events.Marshal(body)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	msg := nats.NewMsg(events.CommandSubject(kind, verb))
+	msg.Data = data
+	msg.Header.Set(events.HeaderActor, f.actor)
+	resp, err := f.conn.Conn.RequestMsg(msg, 20*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	var reply events.Reply
+	if err := events.Unmarshal(resp.Data, &reply); err != nil {
+		f.t.Fatalf("undecodable reply: %v", err)
+	}
+	if reply.Error != nil {
+		return &reply, reply.Error
+	}
+	return &reply, nil
+}
+
+func (f *fleet) mustCommand(kind events.Kind, verb string, body any) *events.Reply {
+	f.t.Helper()
+	reply, err := f.command(kind, verb, body)
+	if err != nil {
+		f.t.Fatalf("%s.%s: %v", kind, verb, err)
+	}
+	return reply
+}
+
+func setCommandID(body any, id string) {
+	switch c := body.(type) {
+	case *events.RegisterHost:
+		c.CommandID = or(c.CommandID, id)
+	case *events.CordonHost:
+		c.CommandID = or(c.CommandID, id)
+	case *events.RegisterImage:
+		c.CommandID = or(c.CommandID, id)
+	case *events.CreateVM:
+		c.CommandID = or(c.CommandID, id)
+	case *events.VMCommand:
+		c.CommandID = or(c.CommandID, id)
+	}
+}
+
+func or(a, b string) string {
+	if a != "" {
+		return a
+	}
+	return b
+}
+
+// vm asks the VM read model, reflecting at least minSeq.
+func (f *fleet) vm(name string, minSeq uint64) (events.VMView, error) {
+	f.t.Helper()
+	data, _ := events.Marshal(events.Query{Name: name, MinSeq: minSeq, IncludeGone: true})
+	resp, err := f.conn.Conn.Request(events.QuerySubject(events.KindVM, events.VerbGet), data, 10*time.Second)
+	if err != nil {
+		return events.VMView{}, err
+	}
+	var reply events.QueryReply
+	if err := events.Unmarshal(resp.Data, &reply); err != nil {
+		return events.VMView{}, err
+	}
+	if reply.Error != nil {
+		return events.VMView{}, reply.Error
+	}
+	if len(reply.VMs) != 1 {
+		return events.VMView{}, fmt.Errorf("get %s: %d VMs", name, len(reply.VMs))
+	}
+	return reply.VMs[0], nil
+}
+
+// converged waits until the VM converged on its goal, and returns it.
+func (f *fleet) converged(name string, minSeq uint64) events.VMView {
+	f.t.Helper()
+	var vm events.VMView
+	waitFor(f.t, 20*time.Second, name+" converged", func() error {
+		var err error
+		if vm, err = f.vm(name, minSeq); err != nil {
+			return err
+		}
+		if !vm.Converged {
+			return fmt.Errorf("goal %s@%d, observed %s@%d (fault %v)", vm.Desired, vm.Incarnation, vm.Observed.State, vm.Observed.Incarnation, vm.Observed.Fault)
+		}
+		return nil
+	})
+	return vm
+}
+
+// domainState is what libvirt itself says of the VM's domain on its host.
+func (f *fleet) domainState(hostName, vm string) string {
+	f.t.Helper()
+	d, err := f.hosts[hostName].virt.Lookup(context.Background(), vm)
+	if errors.Is(err, lv.ErrNotFound) {
+		return "absent"
+	}
+	if err != nil {
+		f.t.Fatalf("lookup %s on %s: %v", vm, hostName, err)
+	}
+	return d.State.String()
+}
+
+func waitFor(t testing.TB, timeout time.Duration, what string, cond func() error) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		err := cond()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: still not true after %s: %v", what, timeout, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func pebbleDir(f *fleet) string { return filepath.Join(f.dir, "projections") }
