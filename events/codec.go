@@ -5,6 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
+	"reflect"
+	"slices"
 
 	"github.com/vmihailenco/msgpack/v5"
 )
@@ -22,6 +25,42 @@ func Marshal(v any) ([]byte, error) {
 		return nil, fmt.Errorf("msgpack encode %T: %w", v, err)
 	}
 	return buf.Bytes(), nil
+}
+
+// msgpack's SetSortMapKeys sorts only map[string]string and
+// map[string]interface{}; any other map is written in Go's random
+// iteration order. Every other map type in the events package is
+// registered here to encode with sorted keys, so Marshal keeps its promise
+// (and so does any encoder of these types, such as the read models').
+func init() {
+	registerSortedMap[Allocation]()
+	registerSortedMap[HostOrphanFound]()
+}
+
+// sortedMaps lists the map types registerSortedMap has taken care of.
+var sortedMaps = map[reflect.Type]bool{}
+
+// registerSortedMap makes msgpack encode map[string]V with sorted keys.
+func registerSortedMap[V any]() {
+	sortedMaps[reflect.TypeFor[map[string]V]()] = true
+	msgpack.Register(map[string]V(nil), func(e *msgpack.Encoder, v reflect.Value) error {
+		m := v.Interface().(map[string]V)
+		if m == nil {
+			return e.EncodeNil()
+		}
+		if err := e.EncodeMapLen(len(m)); err != nil {
+			return err
+		}
+		for _, k := range slices.Sorted(maps.Keys(m)) {
+			if err := e.EncodeString(k); err != nil {
+				return err
+			}
+			if err := e.Encode(m[k]); err != nil {
+				return err
+			}
+		}
+		return nil
+	}, nil)
 }
 
 // Unmarshal decodes msgpack data into v. Unknown fields are ignored, so a

@@ -3,6 +3,8 @@ package events
 import (
 	"bytes"
 	"errors"
+	"fmt"
+	"reflect"
 	"testing"
 	"time"
 )
@@ -22,6 +24,74 @@ func TestMarshal_DeterministicMaps(t *testing.T) {
 			t.Fatalf("encoding %d differs: map order leaked into the bytes", i)
 		}
 	}
+}
+
+// Maps of structs are where msgpack's own key sorting stops: a host's
+// allocations and orphans must encode the same way every time too.
+func TestMarshal_DeterministicStateMaps(t *testing.T) {
+	h := HostState{Name: "h1", Allocations: map[string]Allocation{}, Orphans: map[string]HostOrphanFound{}}
+	for i := range 40 {
+		name := fmt.Sprintf("vm-%02d", i)
+		h.Allocations[name] = Allocation{UID: name, CPU: i, MemoryMiB: i, Seq: uint64(i)}
+		h.Orphans[name] = HostOrphanFound{Domain: name}
+	}
+	first, err := Marshal(&h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 50 {
+		if again, _ := Marshal(&h); !bytes.Equal(first, again) {
+			t.Fatalf("encoding %d differs: map order leaked into the bytes", i)
+		}
+	}
+}
+
+// Every map a Loom type can hold is either one msgpack sorts itself or one
+// registered for sorted encoding: a new map field cannot slip past.
+func TestMarshal_EveryMapIsSorted(t *testing.T) {
+	roots := []reflect.Type{reflect.TypeFor[HostState](), reflect.TypeFor[VMState](), reflect.TypeFor[ImageState](), reflect.TypeFor[Goal]()}
+	for typ := range Types() {
+		ev, err := DecodePayload(typ, CurrentVersion(typ), mustMarshal(t, map[string]any{}))
+		if err != nil {
+			t.Fatalf("%s: %v", typ, err)
+		}
+		roots = append(roots, reflect.TypeOf(ev))
+	}
+	seen := map[reflect.Type]bool{}
+	var walk func(reflect.Type, string)
+	walk = func(typ reflect.Type, path string) {
+		if seen[typ] {
+			return
+		}
+		seen[typ] = true
+		switch typ.Kind() {
+		case reflect.Pointer, reflect.Slice, reflect.Array:
+			walk(typ.Elem(), path)
+		case reflect.Struct:
+			for i := range typ.NumField() {
+				walk(typ.Field(i).Type, path+"."+typ.Field(i).Name)
+			}
+		case reflect.Map:
+			selfSorted := typ.Key().Kind() == reflect.String &&
+				(typ.Elem().Kind() == reflect.String || typ.Elem().Kind() == reflect.Interface)
+			if !selfSorted && !sortedMaps[typ] {
+				t.Errorf("%s is a %s: register it with registerSortedMap", path, typ)
+			}
+			walk(typ.Elem(), path)
+		}
+	}
+	for _, root := range roots {
+		walk(root, root.Name())
+	}
+}
+
+func mustMarshal(t *testing.T, v any) []byte {
+	t.Helper()
+	data, err := Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return data
 }
 
 func TestSeal_DecodeRecord_RoundTrip(t *testing.T) {
