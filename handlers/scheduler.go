@@ -9,7 +9,6 @@ import (
 	"slices"
 	"time"
 
-
 	"github.com/loomctl/loom/events"
 	"github.com/loomctl/loom/events/bus"
 )

@@ -38,7 +38,7 @@ and never creates or changes streams.`,
 	}
 	cmd.Flags().StringVar(&cfg.Host, "host", "", "name of this host, as registered (required)")
 	cmd.Flags().StringVar(&cfg.Socket, "libvirt-socket", libvirt.DefaultSocket, "libvirtd's read-write unix socket")
-	cmd.Flags().StringVar(&cfg.URI, "libvirt-uri", libvirt.DefaultURI, "libvirt driver URI, e.g. qemu:///system or test:///default")
+	cmd.Flags().StringVar(&cfg.URI, "libvirt", libvirt.DefaultURI, "libvirt driver URI, e.g. qemu:///system or test:///default")
 	cmd.Flags().BoolVar(&cfg.Simulated, "simulated", false, "the host is libvirt's test driver: hold a connection open so its state survives reconnects, and remove its built-in domain")
 	cmd.Flags().DurationVar(&cfg.TTL, "ttl", 10*time.Second, "liveness TTL of each renewal")
 	cmd.Flags().DurationVar(&cfg.StopGrace, "stop-grace", 30*time.Second, "how long a guest has to power off before it is destroyed")

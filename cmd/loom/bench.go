@@ -21,6 +21,7 @@ type benchConfig struct {
 	vms      int
 	sync     string
 	keep     bool
+	verbose  bool
 }
 
 func newBenchCommand() *cobra.Command {
@@ -49,6 +50,7 @@ Every part starts its own embedded NATS in a temporary directory. Needs root for
 	cmd.Flags().IntVar(&cfg.vms, "vms", 1000, "VMs for converge")
 	cmd.Flags().StringVar(&cfg.sync, "sync", "always", "embedded NATS durability for every part: always, or an fsync interval")
 	cmd.Flags().BoolVar(&cfg.keep, "keep", false, "keep the temporary directories")
+	cmd.Flags().BoolVarP(&cfg.verbose, "verbose", "v", false, "log what the control plane and agents do (converge)")
 	return cmd
 }
 
@@ -84,7 +86,9 @@ func runBench(ctx context.Context, cfg benchConfig, w io.Writer) error {
 		fmt.Fprintf(w, "\n== %s\n", p.name)
 		err = p.run(ctx, cfg, dir, w)
 		if !cfg.keep {
-			os.RemoveAll(dir)
+			if rmErr := os.RemoveAll(dir); rmErr != nil {
+				fmt.Fprintf(w, "  (could not remove %s: %v)\n", dir, rmErr)
+			}
 		}
 		if err != nil {
 			return fmt.Errorf("bench %s: %w", p.name, err)

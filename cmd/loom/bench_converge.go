@@ -24,6 +24,9 @@ import (
 // convergeHosts is how many simulated hosts share the converge bench's VMs.
 const convergeHosts = 4
 
+// convergeLimit bounds how long the converge bench waits for every VM.
+const convergeLimit = 5 * time.Minute
+
 // benchConverge measures, with cfg.vms VMs on simulated hosts (libvirtd on
 // the test driver), the time from a vm.create's reply (accepted) to its
 // agent's report of the domain running under that goal (converged). The
@@ -35,6 +38,9 @@ func benchConverge(ctx context.Context, cfg benchConfig, dir string, w io.Writer
 		return err
 	}
 	log := quietLogger()
+	if cfg.verbose {
+		log = newLogger(false)
+	}
 	sockets := make([]string, convergeHosts+1)
 	for i := range sockets {
 		hostDir := filepath.Join(dir, "hosts", strconv.Itoa(i))
@@ -68,7 +74,7 @@ func rawLibvirtLatencies(ctx context.Context, socket string, cfg benchConfig) ([
 	if err != nil {
 		return nil, err
 	}
-	defer hold.Close()
+	defer func() { _ = hold.Close() }()
 	var (
 		mu   sync.Mutex
 		lats []time.Duration
@@ -80,7 +86,7 @@ func rawLibvirtLatencies(ctx context.Context, socket string, cfg benchConfig) ([
 			if err != nil {
 				return err
 			}
-			defer conn.Close()
+			defer func() { _ = conn.Close() }()
 			for i := c; i < cfg.vms; i += cfg.clients {
 				name := "raw-" + strconv.Itoa(i)
 				start := time.Now()
@@ -139,7 +145,7 @@ func convergeLatencies(ctx context.Context, cfg benchConfig, dir string, sockets
 	if err != nil {
 		return nil, 0, err
 	}
-	defer sub.Unsubscribe()
+	defer func() { _ = sub.Unsubscribe() }()
 	begin := time.Now()
 	creators, cctx := errgroup.WithContext(ctx)
 	for c := range cfg.clients {
@@ -165,7 +171,7 @@ func convergeLatencies(ctx context.Context, cfg benchConfig, dir string, sockets
 	if err := creators.Wait(); err != nil {
 		return nil, 0, err
 	}
-	lats, err := track.wait(ctx, 5*time.Minute)
+	lats, err := track.wait(ctx, convergeLimit)
 	return lats, time.Since(begin), err
 }
 
@@ -201,7 +207,7 @@ func (t *convergeTracker) observe(msg *nats.Msg) {
 	if err != nil {
 		return
 	}
-	obs, ok := rec.Event.(*events.VMObserved)
+	obs, ok := rec.Event.(events.VMObserved)
 	if !ok || obs.State != events.ObservedRunning {
 		return
 	}
@@ -251,7 +257,7 @@ func (t *convergeTracker) wait(ctx context.Context, limit time.Duration) ([]time
 	case <-timer.C:
 		t.mu.Lock()
 		defer t.mu.Unlock()
-		return nil, fmt.Errorf("only %d of %d VMs converged in %s", t.done, t.want, limit)
+		return nil, fmt.Errorf("only %d of %d VMs converged in %s (%d accepted, %d reported running)", t.done, t.want, limit, len(t.accepted), len(t.running))
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()

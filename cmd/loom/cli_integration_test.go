@@ -77,6 +77,15 @@ func TestCLI_UpCreateGetTail(t *testing.T) {
 		t.Errorf("events tail --actor alice:\n%s", mine)
 	}
 	order := regexp.MustCompile(`(?s)vm\.created .*by alice.*host\.allocated .*vm\.placed .*host-\d.*vm\.observed .*by agent:host-\d.*"state":"running"`)
+	for i, line := range strings.Split(strings.TrimSpace(loom("events", "tail", "--no-follow", "--json")), "\n") {
+		var ev struct {
+			Seq      uint64          `json:"seq"`
+			Envelope events.Envelope `json:"envelope"`
+		}
+		if err := json.Unmarshal([]byte(line), &ev); err != nil || ev.Seq != uint64(i+1) || ev.Envelope.Type == "" {
+			t.Fatalf("events tail --json line %d = %q (%v), want event %d", i, line, err, i+1)
+		}
+	}
 	if !order.MatchString(story) {
 		t.Fatalf("events tail does not tell the story:\n%s\nall of it:\n%s", story, loom("events", "tail", "--no-follow"))
 	}

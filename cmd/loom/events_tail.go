@@ -25,6 +25,7 @@ type tailFlags struct {
 	host     string
 	actor    string
 	noFollow bool
+	json     bool
 }
 
 func newEventsCommand(flags *clientFlags) *cobra.Command {
@@ -40,6 +41,9 @@ func newEventsCommand(flags *clientFlags) *cobra.Command {
 				return err
 			}
 			defer c.close()
+			if tf.json {
+				c.flags.output = "json"
+			}
 			return tailEvents(cmd.Context(), c, tf, cmd.OutOrStdout())
 		},
 	}
@@ -49,6 +53,7 @@ func newEventsCommand(flags *clientFlags) *cobra.Command {
 	tail.Flags().StringVar(&tf.host, "host", "", "only this host's events and observations")
 	tail.Flags().StringVar(&tf.actor, "actor", "", "only events by this actor")
 	tail.Flags().BoolVar(&tf.noFollow, "no-follow", false, "stop at the end of the history instead of following")
+	tail.Flags().BoolVar(&tf.json, "json", false, "JSON lines, one event per line (the same as -o json)")
 	cmd.AddCommand(tail)
 	return cmd
 }
@@ -67,14 +72,13 @@ func tailEvents(ctx context.Context, c *client, tf tailFlags, w io.Writer) error
 		return err
 	}
 	cfg := jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverByStartSequencePolicy}
-	switch {
-	case tf.from == "":
+	if tf.from == "" {
 		first := uint64(1)
 		if info.State.LastSeq > uint64(tf.last) {
 			first = info.State.LastSeq - uint64(tf.last) + 1
 		}
 		cfg.OptStartSeq = first
-	default:
+	} else {
 		if seq, err := strconv.ParseUint(tf.from, 10, 64); err == nil {
 			cfg.OptStartSeq = max(seq, 1)
 		} else if at, err := time.Parse(time.RFC3339, tf.from); err == nil {

@@ -40,7 +40,11 @@ func RunAgent(ctx context.Context, conn *Connection, cfg AgentConfig, log *slog.
 		if err != nil {
 			return fmt.Errorf("agent %s: hold libvirt open: %w", cfg.Host, err)
 		}
-		defer held.Close()
+		defer func() {
+			if err := held.Close(); err != nil {
+				log.Debug("close the held libvirt connection", "host", cfg.Host, "err", err)
+			}
+		}()
 		if err := clearTestDomain(ctx, held); err != nil {
 			return fmt.Errorf("agent %s: %w", cfg.Host, err)
 		}

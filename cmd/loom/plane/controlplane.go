@@ -43,7 +43,11 @@ func RunControlPlane(ctx context.Context, conn *Connection, cfg ControlPlaneConf
 	if err != nil {
 		return err
 	}
-	defer store.Close()
+	defer func() {
+		if err := store.Close(); err != nil {
+			log.Error("close read models", "err", err)
+		}
+	}()
 	reader := readModel{store}
 	dispatcher = dispatch.New(dispatch.Config{Conn: conn.Conn, JS: conn.JS, Reader: reader, Logger: log})
 	commands, err := handlers.New(handlers.Config{JS: conn.JS, Conn: conn.Conn, Reader: reader, Now: time.Now, Logger: log.With("component", "handlers")})
