@@ -144,7 +144,7 @@ func publishGoal(t testing.TB, js jetstream.JetStream, goal events.Goal) {
 	}
 	msg := &nats.Msg{Subject: events.GoalSubject(goal.Host, goal.VM), Data: data, Header: nats.Header{}}
 	msg.Header.Set(events.HeaderType, "goal")
-	msg.Header.Set(headerIncarnation, strconv.FormatUint(goal.Incarnation, 10))
+	msg.Header.Set(events.HeaderIncarnation, strconv.FormatUint(goal.Incarnation, 10))
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if _, err := js.PublishMsg(ctx, msg); err != nil {

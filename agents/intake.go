@@ -14,10 +14,6 @@ import (
 	"github.com/loomctl/loom/events/bus"
 )
 
-// headerIncarnation carries a goal's incarnation on LOOM_GOALS, so a reader
-// can compare goals without decoding them. The dispatcher sets it.
-const headerIncarnation = "Loom-Incarnation"
-
 // loadObservations reads the last report on each of the host's VM
 // observation subjects: the incarnation and state last reported, and the
 // subject's head to chain the next report to.
@@ -116,7 +112,7 @@ func (a *Agent) consumeGoals(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("follow %s: %w", filter, err)
 		}
-		a.onGoal(msg.Subject(), msg.Headers().Get(headerIncarnation), msg.Data())
+		a.onGoal(msg.Subject(), msg.Headers().Get(events.HeaderIncarnation), msg.Data())
 		meta, err := msg.Metadata()
 		if err != nil {
 			return fmt.Errorf("follow %s: metadata: %w", filter, err)
@@ -167,7 +163,7 @@ func (a *Agent) decodeGoal(subject, incarnationHeader string, data []byte) (even
 	}
 	if goal.Incarnation == 0 && incarnationHeader != "" {
 		if goal.Incarnation, err = strconv.ParseUint(incarnationHeader, 10, 64); err != nil {
-			return events.Goal{}, fmt.Errorf("%s header: %w", headerIncarnation, err)
+			return events.Goal{}, fmt.Errorf("%s header: %w", events.HeaderIncarnation, err)
 		}
 	}
 	switch {

@@ -17,6 +17,11 @@ type Goal struct {
 	Spec DomainSpec `msgpack:"spec" json:"spec"`
 }
 
+// HeaderIncarnation carries a goal's incarnation on LOOM_GOALS, so a reader
+// can compare goals without decoding them. The dispatcher sets it; agents
+// and the dispatcher itself read it.
+const HeaderIncarnation = "Loom-Incarnation"
+
 // DomainSpec is what a host needs to define the VM's domain.
 type DomainSpec struct {
 	Image     string `msgpack:"image" json:"image"`

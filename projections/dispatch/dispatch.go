@@ -32,10 +32,6 @@ import (
 	"github.com/loomctl/loom/events/bus"
 )
 
-// HeaderIncarnation carries a goal's incarnation, so a reader can compare
-// goals without decoding them.
-const HeaderIncarnation = "Loom-Incarnation"
-
 // DefaultResync is how often the dispatcher compares every VM with its goal
 // even when nothing was notified.
 const DefaultResync = 30 * time.Second
@@ -173,7 +169,7 @@ func (d *Dispatcher) loadGoals(ctx context.Context) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for _, m := range msgs {
-		inc, err := strconv.ParseUint(m.Header.Get(HeaderIncarnation), 10, 64)
+		inc, err := strconv.ParseUint(m.Header.Get(events.HeaderIncarnation), 10, 64)
 		if err != nil {
 			var g events.Goal
 			if derr := events.Unmarshal(m.Data, &g); derr != nil {
@@ -263,7 +259,7 @@ func (d *Dispatcher) dispatch(ctx context.Context, s *events.VMState) error {
 	}
 	msg := &nats.Msg{Subject: subject, Data: data, Header: nats.Header{}}
 	msg.Header.Set(events.HeaderType, "goal")
-	msg.Header.Set(HeaderIncarnation, strconv.FormatUint(goal.Incarnation, 10))
+	msg.Header.Set(events.HeaderIncarnation, strconv.FormatUint(goal.Incarnation, 10))
 	msg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(have.seq, 10))
 	msg.Header.Set(jetstream.MsgIDHeader, subject+"@"+strconv.FormatUint(goal.Incarnation, 10))
 	ack, err := d.cfg.JS.PublishMsg(ctx, msg)
@@ -304,7 +300,7 @@ func (d *Dispatcher) refresh(ctx context.Context, subject string) error {
 	case err != nil:
 		return err
 	default:
-		inc, _ := strconv.ParseUint(m.Header.Get(HeaderIncarnation), 10, 64)
+		inc, _ := strconv.ParseUint(m.Header.Get(events.HeaderIncarnation), 10, 64)
 		st = standing{incarnation: inc, seq: m.Seq}
 	}
 	d.mu.Lock()
