@@ -25,24 +25,11 @@ func benchMemory(ctx context.Context, cfg benchConfig, dir string, w io.Writer) 
 	if err != nil {
 		return err
 	}
-	scfg.NoListen = true
-	srv, err := bus.StartServer(ctx, scfg)
+	js, stop, err := inProcessBus(ctx, scfg)
 	if err != nil {
 		return err
 	}
-	defer srv.Stop()
-	nc, err := nats.Connect("", nats.InProcessServer(srv))
-	if err != nil {
-		return err
-	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return err
-	}
-	if err := bus.EnsureStreams(ctx, js, bus.StreamsConfig{}); err != nil {
-		return err
-	}
+	defer stop()
 	base := heapInUse()
 	const step = 10_000
 	fmt.Fprintf(w, "  %-10s %-10s %-16s %-16s\n", "aggregates", "heap MiB", "average per 10k", "the last 10k")
@@ -98,6 +85,30 @@ func heapInUse() uint64 {
 }
 
 func numCPU() int { return runtime.NumCPU() }
+
+// inProcessBus starts an embedded server that listens on no port, connects
+// to it in-process and creates Loom's streams. stop undoes it all.
+func inProcessBus(ctx context.Context, scfg bus.ServerConfig) (js jetstream.JetStream, stop func(), err error) {
+	scfg.NoListen = true
+	srv, err := bus.StartServer(ctx, scfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	nc, err := nats.Connect("", nats.InProcessServer(srv))
+	if err != nil {
+		srv.Stop()
+		return nil, nil, err
+	}
+	stop = func() { nc.Close(); srv.Stop() }
+	if js, err = jetstream.New(nc); err == nil {
+		err = bus.EnsureStreams(ctx, js, bus.StreamsConfig{})
+	}
+	if err != nil {
+		stop()
+		return nil, nil, err
+	}
+	return js, stop, nil
+}
 
 // benchServerConfig is the embedded server of one bench part, with the
 // durability of --sync, on a free port.

@@ -7,10 +7,6 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
-
-	"github.com/loomctl/loom/events/bus"
 	"github.com/loomctl/loom/projections"
 )
 
@@ -26,24 +22,11 @@ func benchRebuild(ctx context.Context, cfg benchConfig, dir string, w io.Writer)
 	// Filling a million events one fsync at a time takes minutes and
 	// measures nothing: the rebuild only reads. Fill with a lazy fsync.
 	scfg.SyncAlways, scfg.SyncInterval = false, time.Minute
-	scfg.NoListen = true
-	srv, err := bus.StartServer(ctx, scfg)
+	js, stop, err := inProcessBus(ctx, scfg)
 	if err != nil {
 		return err
 	}
-	defer srv.Stop()
-	nc, err := nats.Connect("", nats.InProcessServer(srv))
-	if err != nil {
-		return err
-	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return err
-	}
-	if err := bus.EnsureStreams(ctx, js, bus.StreamsConfig{}); err != nil {
-		return err
-	}
+	defer stop()
 	start := time.Now()
 	if _, err := projections.PublishHistory(ctx, js, cfg.events, 1); err != nil {
 		return fmt.Errorf("fill the stream: %w", err)
