@@ -6,6 +6,9 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"regexp"
 	"strings"
@@ -25,11 +28,12 @@ func TestCLI_UpCreateGetTail(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	httpAddr := freeAddr(t)
 	ctx, cancel := context.WithCancel(t.Context())
 	var upOut lockedBuffer
 	upDone := make(chan error, 1)
 	go func() {
-		upDone <- execute(ctx, &upOut, "up", "--data-dir", dir, "--listen", "127.0.0.1:0", "--http", "", "--hosts", "2")
+		upDone <- execute(ctx, &upOut, "up", "--data-dir", dir, "--listen", "127.0.0.1:0", "--http", httpAddr, "--hosts", "2")
 	}()
 	t.Cleanup(func() {
 		cancel()
@@ -89,6 +93,42 @@ func TestCLI_UpCreateGetTail(t *testing.T) {
 	if !order.MatchString(story) {
 		t.Fatalf("events tail does not tell the story:\n%s\nall of it:\n%s", story, loom("events", "tail", "--no-follow"))
 	}
+
+	// What an operator's probes see.
+	if body := httpGet(t, "http://"+httpAddr+"/readyz"); !strings.HasPrefix(body, "ready: read models at ") {
+		t.Errorf("/readyz = %q", body)
+	}
+	metrics := httpGet(t, "http://"+httpAddr+"/metrics")
+	for _, want := range []string{`loom_handlers_commands_total{outcome="ok",subject="loom.cmd.vm.create"} 1`, "loom_projections_"} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+}
+
+// freeAddr is a loopback address with a port that was free a moment ago.
+func freeAddr(t *testing.T) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// httpGet returns the body of a 200 answer to GET url.
+func httpGet(t *testing.T, url string) string {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s: %d %v\n%s", url, resp.StatusCode, err, body)
+	}
+	return string(body)
 }
 
 // execute runs the loom binary's root command in-process.
