@@ -81,6 +81,12 @@ func TestCLI_UpCreateGetTail(t *testing.T) {
 		t.Errorf("events tail --actor alice:\n%s", mine)
 	}
 	order := regexp.MustCompile(`(?s)vm\.created .*by alice.*host\.allocated .*vm\.placed .*host-\d.*vm\.observed .*by agent:host-\d.*"state":"running"`)
+	onHost := loom("events", "tail", "--no-follow", "--host", vm.Host)
+	for _, want := range []string{"host.registered", "host.allocated", "vm.observed"} {
+		if !strings.Contains(onHost, want) || strings.Contains(onHost, "vm.created") {
+			t.Errorf("events tail --host %s lacks %s or shows another subject's events:\n%s", vm.Host, want, onHost)
+		}
+	}
 	for i, line := range strings.Split(strings.TrimSpace(loom("events", "tail", "--no-follow", "--json")), "\n") {
 		var ev struct {
 			Seq      uint64          `json:"seq"`

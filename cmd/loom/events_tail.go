@@ -50,7 +50,7 @@ func newEventsCommand(flags *clientFlags) *cobra.Command {
 	tail.Flags().StringVar(&tf.from, "from", "", "start at this stream sequence or RFC 3339 time (default: the last --last events)")
 	tail.Flags().IntVar(&tf.last, "last", 50, "without --from, start this many events before the end")
 	tail.Flags().StringSliceVar(&tf.types, "type", nil, "only events of these types (repeat or separate with commas, e.g. vm.created,vm.placed)")
-	tail.Flags().StringVar(&tf.host, "host", "", "only this host's events and observations")
+	tail.Flags().StringVar(&tf.host, "host", "", "only this host's own events (registration, allocations, cordons) and its agent's observations")
 	tail.Flags().StringVar(&tf.actor, "actor", "", "only events by this actor")
 	tail.Flags().BoolVar(&tf.noFollow, "no-follow", false, "stop at the end of the history instead of following")
 	tail.Flags().BoolVar(&tf.json, "json", false, "JSON lines, one event per line (the same as -o json)")
