@@ -22,6 +22,11 @@ var (
 	ErrTryAgain = errors.New("stream busy, try again")
 )
 
+// headerExpectedLastSubjSeqSubject moves the expected-last-subject-sequence
+// check to another subject or filter (nats-server 2.11+; nats.go has no
+// name for it).
+const headerExpectedLastSubjSeqSubject = "Nats-Expected-Last-Subject-Sequence-Subject"
+
 // Appended is where an appended event landed.
 type Appended struct {
 	// Seq is the event's stream sequence. For a duplicate, it is the
@@ -36,10 +41,34 @@ type Appended struct {
 // stream sequence is still expectedSeq (0: the subject is empty). msgID
 // deduplicates retries within the stream's duplicate window.
 func Append(ctx context.Context, js jetstream.Publisher, subject string, env *events.Envelope, data []byte, expectedSeq uint64, msgID string) (Appended, error) {
+	return AppendExpecting(ctx, js, subject, env, data, Expect{Seq: expectedSeq}, msgID)
+}
+
+// Expect is the check an append makes before it stores: the last stream
+// sequence among the messages on Subject must be Seq (0: there are none).
+// Subject may be another subject than the one appended to, or a wildcard
+// filter; empty means the subject appended to.
+//
+// Checking another subject lets writers on different subjects exclude one
+// kind of writer without excluding each other. Leases use it: shared grants,
+// each on a holder's own subject, check only the resource's exclusive
+// subject, so readers of one image never serialize; an exclusive grant
+// checks the wildcard over all of the resource's subjects, so it lands only
+// if no grant of any kind came first.
+type Expect struct {
+	Subject string
+	Seq     uint64
+}
+
+// AppendExpecting is Append with the check spelled out.
+func AppendExpecting(ctx context.Context, js jetstream.Publisher, subject string, env *events.Envelope, data []byte, expect Expect, msgID string) (Appended, error) {
 	msg := &nats.Msg{Subject: subject, Data: data, Header: nats.Header{}}
 	msg.Header.Set(events.HeaderType, string(env.Type))
 	msg.Header.Set(events.HeaderVersion, strconv.Itoa(env.Version))
-	msg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(expectedSeq, 10))
+	msg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(expect.Seq, 10))
+	if expect.Subject != "" && expect.Subject != subject {
+		msg.Header.Set(headerExpectedLastSubjSeqSubject, expect.Subject)
+	}
 	if msgID != "" {
 		msg.Header.Set(jetstream.MsgIDHeader, msgID)
 	}

@@ -26,6 +26,8 @@ type Message struct {
 // LastOnSubject reads the last message of subject from stream through the
 // stream leader ($JS.API.STREAM.MSG.GET), not a direct get that any replica
 // may answer with stale data. Use it where a stale answer would be unsafe.
+// subject may be a wildcard filter: the answer is then the last message on
+// any subject it matches, which is what an Expect on that filter checks.
 func LastOnSubject(ctx context.Context, nc *nats.Conn, stream, subject string) (Message, error) {
 	req, err := json.Marshal(map[string]string{"last_by_subj": subject})
 	if err != nil {
