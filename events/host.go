@@ -76,8 +76,10 @@ type HostState struct {
 	CordonReason string            `msgpack:"cordon_reason,omitempty" json:"cordon_reason,omitempty"`
 	// Allocations by VM name.
 	Allocations map[string]Allocation `msgpack:"allocs,omitempty" json:"allocations,omitempty"`
-	// RegisteredBy is the command that registered the host.
-	RegisteredBy string `msgpack:"registered_by,omitempty" json:"registered_by,omitempty"`
+	// RegisteredBy is the actor who registered the host, RegisterCommand
+	// the command's id.
+	RegisteredBy    string `msgpack:"registered_by,omitempty" json:"registered_by,omitempty"`
+	RegisterCommand string `msgpack:"register_command,omitempty" json:"register_command,omitempty"`
 	// Orphans are domains the host's agent found that no goal names, by name.
 	Orphans map[string]HostOrphanFound `msgpack:"orphans,omitempty" json:"orphans,omitempty"`
 }
@@ -114,7 +116,7 @@ func (h *HostState) Apply(rec *Record) error {
 		h.Registered = true
 		h.CPU, h.MemoryMiB, h.Address = ev.CPU, ev.MemoryMiB, ev.Address
 		h.Labels = ev.Labels
-		h.RegisteredBy = rec.Envelope.CommandID
+		h.RegisteredBy, h.RegisterCommand = rec.Envelope.Actor, rec.Envelope.CommandID
 	case HostCordoned:
 		h.Cordoned, h.CordonReason = true, ev.Reason
 	case HostUncordoned:

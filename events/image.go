@@ -21,13 +21,16 @@ func (ImageRegistered) EventType() Type { return TypeImageRegistered }
 
 // ImageState is an image aggregate folded from its events.
 type ImageState struct {
-	Name         string `msgpack:"name" json:"name"`
-	Registered   bool   `msgpack:"registered" json:"registered"`
-	Format       string `msgpack:"format" json:"format"`
-	SizeBytes    int64  `msgpack:"size" json:"size"`
-	Source       string `msgpack:"source,omitempty" json:"source,omitempty"`
-	Checksum     string `msgpack:"checksum,omitempty" json:"checksum,omitempty"`
-	RegisteredBy string `msgpack:"registered_by,omitempty" json:"registered_by,omitempty"`
+	Name       string `msgpack:"name" json:"name"`
+	Registered bool   `msgpack:"registered" json:"registered"`
+	Format     string `msgpack:"format" json:"format"`
+	SizeBytes  int64  `msgpack:"size" json:"size"`
+	Source     string `msgpack:"source,omitempty" json:"source,omitempty"`
+	Checksum   string `msgpack:"checksum,omitempty" json:"checksum,omitempty"`
+	// RegisteredBy is the actor who registered the image, RegisterCommand
+	// the command's id.
+	RegisteredBy    string `msgpack:"registered_by,omitempty" json:"registered_by,omitempty"`
+	RegisterCommand string `msgpack:"register_command,omitempty" json:"register_command,omitempty"`
 }
 
 // Apply folds one event of the image's subject into the state.
@@ -40,7 +43,7 @@ func (s *ImageState) Apply(rec *Record) error {
 	case ImageRegistered:
 		s.Registered = true
 		s.Format, s.SizeBytes, s.Source, s.Checksum = ev.Format, ev.SizeBytes, ev.Source, ev.Checksum
-		s.RegisteredBy = rec.Envelope.CommandID
+		s.RegisteredBy, s.RegisterCommand = rec.Envelope.Actor, rec.Envelope.CommandID
 	default:
 		return fmt.Errorf("image %s: %w %s", s.Name, errNotForAggregate, rec.Envelope.Type)
 	}
