@@ -2,8 +2,10 @@ package handlers
 
 import (
 	"context"
+	"errors"
 
 	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/bus"
 )
 
 // The event indexes of a vm.create. Each step's Nats-Msg-Id derives from
@@ -66,9 +68,9 @@ func (s *Service) serveCreate(ctx context.Context, req *request) *events.Reply {
 // host.allocated, vm.placed. A command that already took effect gets its
 // original result; one cut short is carried on from where it stopped.
 func (s *Service) create(ctx context.Context, c *command, cmd *events.CreateVM) *events.Reply {
-	recorded, _, err := s.cfg.Reader.CommandResult(ctx, c.actor, c.id)
-	if err != nil {
-		return failed(unavailable("read command result", err), nil)
+	recorded, fault := s.recordedCreate(ctx, c, cmd.Name)
+	if fault != nil {
+		return failed(fault, nil)
 	}
 	if _, ok := find(recorded, events.TypeVMPlaced); ok {
 		return &events.Reply{Events: recorded, Replayed: true}
@@ -77,7 +79,7 @@ func (s *Service) create(ctx context.Context, c *command, cmd *events.CreateVM) 
 		return &events.Reply{Events: recorded, Replayed: true, Error: noCapacity(cmd.Name, capacity{cmd.CPU, cmd.MemoryMiB})}
 	}
 	r := &createRun{c: c, cmd: cmd, uid: events.DeriveUID(c.actor, c.id), need: capacity{cmd.CPU, cmd.MemoryMiB}, recorded: recorded}
-	fault := s.runCreate(ctx, r)
+	fault = s.runCreate(ctx, r)
 	if fault != nil {
 		if len(r.recorded)+len(r.appended) > 0 {
 			s.Nudge() // a step may be left undone, or an allocation orphaned: let the scheduler look
@@ -85,6 +87,37 @@ func (s *Service) create(ctx context.Context, c *command, cmd *events.CreateVM) 
 		return failed(fault, merge(r.recorded, r.appended))
 	}
 	return s.createReply(ctx, r)
+}
+
+// recordedCreate is what earlier handlings of the create appended, as the
+// Reader knows it. A partial result (created, then neither placed nor
+// withdrawn) may only mean the Reader lags the command's last steps: it is
+// read again once the Reader has caught up with the VM's subject, read
+// through the stream leader, so that a retry of a withdrawn create gets
+// its original answer rather than a guess from a stale read.
+func (s *Service) recordedCreate(ctx context.Context, c *command, vm string) ([]events.Appended, *events.Fault) {
+	recorded, _, err := s.cfg.Reader.CommandResult(ctx, c.actor, c.id)
+	if err != nil {
+		return nil, unavailable("read command result", err)
+	}
+	_, created := find(recorded, events.TypeVMCreated)
+	_, placed := find(recorded, events.TypeVMPlaced)
+	_, withdrawn := find(recorded, events.TypeVMDeleted)
+	if !created || placed || withdrawn {
+		return recorded, nil
+	}
+	subject := events.EventSubject(events.KindVM, vm)
+	last, err := bus.LastOnSubject(ctx, s.cfg.Conn, events.StreamEvents, subject)
+	if err != nil && !errors.Is(err, bus.ErrNoMessage) {
+		return nil, unavailable("read last of "+subject, err)
+	}
+	if err := s.cfg.Reader.WaitFor(ctx, last.Seq); err != nil {
+		return nil, lagging(last.Seq, err)
+	}
+	if recorded, _, err = s.cfg.Reader.CommandResult(ctx, c.actor, c.id); err != nil {
+		return nil, unavailable("read command result", err)
+	}
+	return recorded, nil
 }
 
 // runCreate takes the steps of r that are not done yet. Before the first
