@@ -184,13 +184,15 @@ func (s *Store) applyDeliveries(deliveries []delivery) error {
 	committed := b.last != s.Applied()
 	if committed {
 		b.committed()
+		// Metrics before advance: whoever WaitFor wakes must find them
+		// counting this batch already.
+		s.metrics.observeBatch(b, time.Since(start))
 		s.advance(b.last)
 	}
 	s.closeMu.RUnlock()
 	if !committed {
 		return nil
 	}
-	s.metrics.observeBatch(b, time.Since(start))
 	s.logFlagged(b.flagged)
 	if s.opts.OnCommit != nil {
 		s.opts.OnCommit(b.last, changedVMs)
