@@ -31,9 +31,9 @@ type Envelope struct {
 	// Kind and AggregateID name the aggregate the event belongs to.
 	Kind        Kind   `msgpack:"kind" json:"kind"`
 	AggregateID string `msgpack:"agg" json:"agg"`
-	// Time is the decider's clock at decision time, Unix nanoseconds. Two
-	// deciders' clocks need not agree; order comes from the stream.
-	Time int64 `msgpack:"time" json:"time"`
+	// Time is the decider's clock at decision time. Two deciders' clocks
+	// need not agree; order comes from the stream.
+	Time UnixNano `msgpack:"time" json:"time"`
 	// Actor is who asked for the decision.
 	Actor string `msgpack:"actor" json:"actor"`
 	// CommandID is the command that caused the event (causation).
@@ -48,7 +48,7 @@ type Envelope struct {
 }
 
 // At is the decider's time as a time.Time.
-func (e *Envelope) At() time.Time { return time.Unix(0, e.Time).UTC() }
+func (e *Envelope) At() time.Time { return e.Time.Time() }
 
 // Validate checks what every envelope must have.
 func (e *Envelope) Validate() error {
@@ -148,7 +148,7 @@ func Seal(ev Event, kind Kind, id string, origin Origin, index int, prevHash []b
 		Version:       version,
 		Kind:          kind,
 		AggregateID:   id,
-		Time:          origin.Time.UnixNano(),
+		Time:          NanosOf(origin.Time),
 		Actor:         origin.Actor,
 		CommandID:     origin.CommandID,
 		CorrelationID: origin.CorrelationID,

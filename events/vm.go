@@ -116,8 +116,8 @@ type Observation struct {
 	Fault       *Fault        `msgpack:"fault,omitempty" json:"fault,omitempty"`
 	// Seq is the stream sequence of the observation.
 	Seq uint64 `msgpack:"seq,omitempty" json:"seq,omitempty"`
-	// Time is the agent's clock at the observation, Unix nanoseconds.
-	Time int64 `msgpack:"time,omitempty" json:"time,omitempty"`
+	// Time is the agent's clock at the observation.
+	Time UnixNano `msgpack:"time,omitempty" json:"time,omitempty"`
 }
 
 // Exists tells whether the name is taken by a live incarnation.

@@ -54,9 +54,9 @@ func orDash(s string) string {
 	return s
 }
 
-func ago(nanos int64) string {
-	if nanos == 0 {
+func ago(at events.UnixNano) string {
+	if at == 0 {
 		return "-"
 	}
-	return time.Since(time.Unix(0, nanos)).Round(time.Second).String() + " ago"
+	return time.Since(at.Time()).Round(time.Second).String() + " ago"
 }
