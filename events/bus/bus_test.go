@@ -11,7 +11,7 @@ import (
 	"github.com/loomctl/loom/events/bus/bustest"
 )
 
-func seal(t *testing.T, name string, index int, prev []byte) (events.Envelope, []byte) {
+func seal(t testing.TB, name string, index int, prev []byte) (events.Envelope, []byte) {
 	t.Helper()
 	origin := events.Origin{Actor: "test", CommandID: "cmd-" + name, Time: time.Unix(1700000000, 0)}
 	env, data, err := events.Seal(events.HostRegistered{CPU: 4, MemoryMiB: 4096}, events.KindHost, name, origin, index, prev)
