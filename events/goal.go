@@ -42,14 +42,3 @@ func GoalOf(s *VMState) (Goal, bool) {
 		Spec:        DomainSpec{Image: s.Image, CPU: s.CPU, MemoryMiB: s.MemoryMiB},
 	}, true
 }
-
-// Renewal is a host agent's liveness renewal on loom.live.<host>. Each is
-// published with the subject sequence of the previous one, so renewals form
-// a chain that a lost marker can break.
-type Renewal struct {
-	Host string `msgpack:"host" json:"host"`
-	// TTLMillis is how long the renewal keeps the host alive.
-	TTLMillis int64 `msgpack:"ttl_ms" json:"ttl_ms"`
-	// Agent identifies the agent process (its start ULID).
-	Agent string `msgpack:"agent" json:"agent"`
-}

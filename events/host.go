@@ -12,6 +12,8 @@ const (
 	TypeHostUncordoned Type = "host.uncordoned"
 	TypeHostAllocated  Type = "host.allocated"
 	TypeHostReleased   Type = "host.released"
+	TypeHostLost       Type = "host.lost"
+	TypeHostRejoined   Type = "host.rejoined"
 )
 
 // HostRegistered records a host joining the fleet with its capacity.
@@ -47,7 +49,28 @@ type HostReleased struct {
 	Reason string `msgpack:"reason" json:"reason"`
 }
 
+// HostLost records that the failure detector declared the host lost: its
+// lost marker on loom.live.<host> won the race against the host's next
+// renewal. Nothing is placed on a lost host; its VMs' leases may expire.
+type HostLost struct {
+	// MarkerSeq is the LOOM_LIVENESS sequence of the winning lost marker,
+	// RenewalSeq that of the last renewal it superseded.
+	MarkerSeq  uint64 `msgpack:"marker_seq" json:"marker_seq"`
+	RenewalSeq uint64 `msgpack:"renewal_seq" json:"renewal_seq"`
+}
+
+// HostRejoined records that a host declared lost renewed again, after its
+// lost marker: a new host epoch, whose agent must not resume what ran
+// before it was declared lost.
+type HostRejoined struct {
+	// RenewalSeq is the LOOM_LIVENESS sequence of the first renewal after
+	// the lost marker: the new host epoch.
+	RenewalSeq uint64 `msgpack:"renewal_seq" json:"renewal_seq"`
+}
+
 func (HostRegistered) EventType() Type { return TypeHostRegistered }
+func (HostLost) EventType() Type       { return TypeHostLost }
+func (HostRejoined) EventType() Type   { return TypeHostRejoined }
 func (HostCordoned) EventType() Type   { return TypeHostCordoned }
 func (HostUncordoned) EventType() Type { return TypeHostUncordoned }
 func (HostAllocated) EventType() Type  { return TypeHostAllocated }
@@ -82,6 +105,13 @@ type HostState struct {
 	RegisterCommand string `msgpack:"register_command,omitempty" json:"register_command,omitempty"`
 	// Orphans are domains the host's agent found that no goal names, by name.
 	Orphans map[string]HostOrphanFound `msgpack:"orphans,omitempty" json:"orphans,omitempty"`
+	// Lost says the failure detector declared the host lost, at the
+	// LOOM_LIVENESS sequence LostMarker, and it has not rejoined since.
+	Lost       bool   `msgpack:"lost,omitempty" json:"lost,omitempty"`
+	LostMarker uint64 `msgpack:"lost_marker,omitempty" json:"lost_marker,omitempty"`
+	// Epoch is the LOOM_LIVENESS sequence of the renewal the host last
+	// rejoined with; zero if it was never lost.
+	Epoch uint64 `msgpack:"epoch,omitempty" json:"epoch,omitempty"`
 }
 
 // Used sums the host's allocations.
@@ -102,7 +132,7 @@ func (h *HostState) Free() (cpu, memoryMiB int) {
 // Fits tells whether a VM of that size can be placed on the host now.
 func (h *HostState) Fits(cpu, memoryMiB int) bool {
 	freeCPU, freeMem := h.Free()
-	return h.Registered && !h.Cordoned && cpu <= freeCPU && memoryMiB <= freeMem
+	return h.Registered && !h.Cordoned && !h.Lost && cpu <= freeCPU && memoryMiB <= freeMem
 }
 
 // Apply folds one event of the host's subject into the state.
@@ -121,6 +151,10 @@ func (h *HostState) Apply(rec *Record) error {
 		h.Cordoned, h.CordonReason = true, ev.Reason
 	case HostUncordoned:
 		h.Cordoned, h.CordonReason = false, ""
+	case HostLost:
+		h.Lost, h.LostMarker = true, ev.MarkerSeq
+	case HostRejoined:
+		h.Lost, h.Epoch = false, ev.RenewalSeq
 	case HostAllocated:
 		if h.Allocations == nil {
 			h.Allocations = make(map[string]Allocation)

@@ -42,6 +42,8 @@ var registry = map[Type]typeInfo{
 	TypeHostUncordoned:    current[HostUncordoned](),
 	TypeHostAllocated:     current[HostAllocated](),
 	TypeHostReleased:      current[HostReleased](),
+	TypeHostLost:          current[HostLost](),
+	TypeHostRejoined:      current[HostRejoined](),
 	TypeImageRegistered:   current[ImageRegistered](),
 	TypeVMCreated:         current[VMCreated](),
 	TypeVMPlaced:          current[VMPlaced](),

@@ -26,6 +26,8 @@ var samples = map[Type]Event{
 	TypeHostUncordoned:    HostUncordoned{},
 	TypeHostAllocated:     HostAllocated{VM: "web-1", UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", CPU: 2, MemoryMiB: 512},
 	TypeHostReleased:      HostReleased{VM: "web-1", UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Reason: "deleted"},
+	TypeHostLost:          HostLost{MarkerSeq: 4812, RenewalSeq: 4790},
+	TypeHostRejoined:      HostRejoined{RenewalSeq: 4901},
 	TypeImageRegistered:   ImageRegistered{Format: "qcow2", SizeBytes: 1 << 30, Source: "/var/lib/loom/images/demo.qcow2", Checksum: "sha256:00"},
 	TypeVMCreated:         VMCreated{UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Image: "demo", CPU: 2, MemoryMiB: 512, Desired: DesiredRunning},
 	TypeVMPlaced:          VMPlaced{UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Host: "h1", AllocationSeq: 41},
