@@ -65,6 +65,8 @@ func decideAllocate(h *hostView, reserved capacity, a allocation) (events.Event,
 		return nil, events.Errorf(events.CodeNoCapacity, "host %s is not registered", h.state.Name)
 	case h.state.Cordoned:
 		return nil, events.Errorf(events.CodeNoCapacity, "host %s is cordoned", h.state.Name)
+	case h.state.Lost:
+		return nil, events.Errorf(events.CodeNoCapacity, "host %s was declared lost (marker %d) and has not rejoined", h.state.Name, h.state.LostMarker)
 	}
 	if free := h.free().minus(reserved); !free.covers(a.need) {
 		return nil, events.Errorf(events.CodeNoCapacity, "host %s has cpu %d and mem_mib %d free, vm %s needs %d and %d",

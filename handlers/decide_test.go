@@ -97,6 +97,7 @@ func TestDecideAllocate(t *testing.T) {
 		{"reserved by other creates", host(false, nil), capacity{3, 0}, nil, events.CodeNoCapacity},
 		{"cordoned", host(true, nil), capacity{}, nil, events.CodeNoCapacity},
 		{"not registered", &hostView{}, capacity{}, nil, events.CodeNoCapacity},
+		{"declared lost", func() *hostView { v := host(false, nil); v.state.Lost = true; return v }(), capacity{}, nil, events.CodeNoCapacity},
 		{"already allocated for this uid", host(false, map[string]events.Allocation{"web": {UID: "u1", CPU: 2, MemoryMiB: 1024}}), capacity{4, 4096}, nil, 0},
 		{"stale allocation of another incarnation counts", host(false, map[string]events.Allocation{"web": {UID: "old", CPU: 3, MemoryMiB: 1024}}), capacity{}, nil, events.CodeNoCapacity},
 	}
@@ -104,6 +105,51 @@ func TestDecideAllocate(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			ev, fault := decideAllocate(tc.host, tc.reserved, want)
 			checkDecision(t, ev, fault, tc.wantEvent, tc.wantCode)
+		})
+	}
+}
+
+func TestDecideLostAndRejoin(t *testing.T) {
+	up := events.HostState{Name: "h1", Registered: true}
+	lost := events.HostState{Name: "h1", Registered: true, Lost: true, LostMarker: 20}
+	rejoined := events.HostState{Name: "h1", Registered: true, LostMarker: 20, Epoch: 25}
+	lostTests := []struct {
+		name   string
+		host   events.HostState
+		marker uint64
+		want   events.Event
+	}{
+		{"alive host", up, 20, events.HostLost{MarkerSeq: 20, RenewalSeq: 7}},
+		{"unregistered", events.HostState{Name: "h1"}, 20, nil},
+		{"already lost at this marker", lost, 20, nil},
+		{"lost at a later marker", lost, 15, nil},
+		{"lost again, later", lost, 30, events.HostLost{MarkerSeq: 30, RenewalSeq: 7}},
+		{"rejoined after this marker", rejoined, 20, nil},
+		{"rejoined, then lost again", rejoined, 40, events.HostLost{MarkerSeq: 40, RenewalSeq: 7}},
+	}
+	for _, tc := range lostTests {
+		t.Run("lost/"+tc.name, func(t *testing.T) {
+			if got := decideLost(&tc.host, tc.marker, 7); !reflect.DeepEqual(got, tc.want) {
+				t.Fatalf("decideLost = %#v, want %#v", got, tc.want)
+			}
+		})
+	}
+	rejoinTests := []struct {
+		name    string
+		host    events.HostState
+		renewal uint64
+		want    events.Event
+	}{
+		{"lost, renewal after the marker", lost, 21, events.HostRejoined{RenewalSeq: 21}},
+		{"lost, renewal from before the marker", lost, 19, nil},
+		{"not lost", up, 21, nil},
+		{"unregistered", events.HostState{Name: "h1", Lost: true}, 21, nil},
+	}
+	for _, tc := range rejoinTests {
+		t.Run("rejoin/"+tc.name, func(t *testing.T) {
+			if got := decideRejoin(&tc.host, tc.renewal); !reflect.DeepEqual(got, tc.want) {
+				t.Fatalf("decideRejoin = %#v, want %#v", got, tc.want)
+			}
 		})
 	}
 }

@@ -16,6 +16,7 @@ type metrics struct {
 	repeats   prometheus.Counter
 	inflight  prometheus.Gauge
 	scheduled *prometheus.CounterVec
+	hostsLost prometheus.Counter
 }
 
 func newMetrics() *metrics {
@@ -39,13 +40,16 @@ func newMetrics() *metrics {
 		scheduled: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "loom_handlers_scheduler_steps_total", Help: "Steps the scheduler took: placed (an interrupted create completed) or released.",
 		}, []string{"step"}),
+		hostsLost: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "loom_handlers_hosts_declared_lost_total", Help: "Hosts this replica's failure detector declared lost (host.lost appended).",
+		}),
 	}
 }
 
 // Collectors are the service's metrics, for cmd to register.
 func (s *Service) Collectors() []prometheus.Collector {
 	m := s.metrics
-	return []prometheus.Collector{m.commands, m.latency, m.conflicts, m.repeats, m.inflight, m.scheduled}
+	return []prometheus.Collector{m.commands, m.latency, m.conflicts, m.repeats, m.inflight, m.scheduled, m.hostsLost}
 }
 
 func outcome(reply *events.Reply) string {

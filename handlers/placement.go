@@ -46,7 +46,9 @@ func (h *hostView) free() capacity {
 }
 
 // schedulable tells whether new VMs may be placed on the host.
-func (h *hostView) schedulable() bool { return h.state.Registered && !h.state.Cordoned }
+func (h *hostView) schedulable() bool {
+	return h.state.Registered && !h.state.Cordoned && !h.state.Lost
+}
 
 // apply folds one event in place and adjusts the usage by the one
 // allocation it can change.

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -79,6 +80,13 @@ type Config struct {
 	ReconcileInterval time.Duration
 	// CacheSize bounds the cached VMs; zero means DefaultCacheSize.
 	CacheSize int
+	// DetectorMargin is m_d, how long past a renewal's TTL the failure
+	// detector waits before it claims a host lost; zero means
+	// DefaultDetectorMargin.
+	DetectorMargin time.Duration
+	// DetectInterval is the failure detector's period; zero means
+	// DefaultDetectInterval.
+	DetectInterval time.Duration
 }
 
 // Validate checks that the required fields are set and the others are not
@@ -91,7 +99,8 @@ func (c *Config) Validate() error {
 		return errors.New("handlers: Conn is required")
 	case c.Reader == nil:
 		return errors.New("handlers: Reader is required")
-	case c.Concurrency < 0 || c.RequestTimeout < 0 || c.MaxAttempts < 0 || c.ReconcileInterval < 0 || c.CacheSize < 0:
+	case c.Concurrency < 0 || c.RequestTimeout < 0 || c.MaxAttempts < 0 || c.ReconcileInterval < 0 || c.CacheSize < 0 ||
+		c.DetectorMargin < 0 || c.DetectInterval < 0:
 		return errors.New("handlers: negative limit")
 	}
 	return nil
@@ -109,6 +118,8 @@ func (c *Config) setDefaults() {
 	c.MaxAttempts = cmp.Or(c.MaxAttempts, DefaultMaxAttempts)
 	c.ReconcileInterval = cmp.Or(c.ReconcileInterval, DefaultReconcileInterval)
 	c.CacheSize = cmp.Or(c.CacheSize, DefaultCacheSize)
+	c.DetectorMargin = cmp.Or(c.DetectorMargin, DefaultDetectorMargin)
+	c.DetectInterval = cmp.Or(c.DetectInterval, DefaultDetectInterval)
 }
 
 // Service serves Loom's commands: it decides each against current state and
@@ -124,6 +135,14 @@ type Service struct {
 	// stepHook, when set by a test, runs before each step and fails the
 	// step if it returns an error: a crash between steps.
 	stepHook func(c *command, index int) error
+	// markerHook, when set by a test, runs just before the failure
+	// detector publishes a lost marker; unfencedMarkers switches off the
+	// marker's check against the renewal it supersedes, to show what that
+	// check protects.
+	markerHook      func(host string)
+	unfencedMarkers bool
+	// detectorPasses counts the failure detector's passes, for tests.
+	detectorPasses atomic.Int64
 
 	vms    *table[events.VMState]
 	hosts  *table[hostView]
