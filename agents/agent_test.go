@@ -444,6 +444,32 @@ func TestAgent_LivenessChain(t *testing.T) {
 		return nil
 	})
 
+	// A lost marker (the failure detector's) is told apart: the agent
+	// learns it was declared lost, counts it, and rejoins on top of it.
+	data, err := events.Marshal(&events.LostMarker{Host: "h1", RenewalSeq: ack.Sequence, Detector: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	marker := &nats.Msg{Subject: events.LivenessSubject("h1"), Data: data, Header: nats.Header{}}
+	marker.Header.Set(events.HeaderType, events.LivenessLostMarker)
+	markerAck, err := s.bus.JS.PublishMsg(ctx, marker)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, func() error {
+		if metricValue(t, a.Agent, "loom_agent_liveness_renewals_total", map[string]string{"result": "lost"}) < 1 {
+			return errors.New("the agent has not noticed the lost marker")
+		}
+		m, r, err := lastLiveness(t, s.bus.Conn, "h1")
+		if err != nil {
+			return err
+		}
+		if m.Seq <= markerAck.Sequence || r.Agent != a.id {
+			return fmt.Errorf("no renewal after the marker at %d yet", markerAck.Sequence)
+		}
+		return nil
+	})
+
 	// A restarted agent continues the chain from what stands.
 	a.stop(t)
 	m, _, err := lastLiveness(t, s.bus.Conn, "h1")

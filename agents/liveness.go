@@ -14,10 +14,6 @@ import (
 	"github.com/loomctl/loom/events/bus"
 )
 
-// typeRenewal is the Loom-Type header of a liveness renewal.
-// TODO(loom): move to events beside the lost marker's type.
-const typeRenewal = "host.renewal"
-
 // renewLoop renews the host's liveness every Config.RenewInterval until ctx
 // ends. Each renewal expects the subject sequence of the previous one, so
 // renewals form a chain that anyone else's write (a lost marker) breaks.
@@ -29,9 +25,14 @@ func (a *Agent) renewLoop(ctx context.Context) error {
 	known := false  // whether last was read
 	for {
 		if !known {
-			seq, err := a.lastLivenessSeq(ctx)
+			standing, err := a.lastLiveness(ctx)
 			if err == nil {
-				last, known = seq, true
+				last, known = standing.Seq, true
+				if marker, ok := standing.Message.(*events.LostMarker); ok {
+					a.metrics.renewals.WithLabelValues("lost").Inc()
+					a.log.Error("this host was declared lost while its agent was away; rejoining",
+						logSeq, standing.Seq, "renewal_seq", marker.RenewalSeq, "detector", marker.Detector)
+				}
 			} else if ok, skipped := log.allow(); ok && ctx.Err() == nil {
 				a.log.Warn("read liveness subject; retrying", logErr, err, logSkipped, skipped)
 			}
@@ -43,15 +44,25 @@ func (a *Agent) renewLoop(ctx context.Context) error {
 				last = seq
 				a.metrics.renewals.WithLabelValues("ok").Inc()
 			case errors.Is(err, bus.ErrWrongLastSeq):
-				// TODO(loom): the lost-marker protocol (DESIGN "Liveness and
-				// time"): when what stands is a lost marker, fence and rejoin
-				// under a new host epoch instead of renewing over it.
-				a.metrics.renewals.WithLabelValues("rejected").Inc()
-				a.log.Warn("liveness renewal rejected: someone else wrote the liveness subject; re-reading", logErr, err)
 				known = false
-				if seq, err := a.lastLivenessSeq(ctx); err == nil {
-					last, known = seq, true
+				standing, err := a.lastLiveness(ctx)
+				if err != nil {
+					a.log.Warn("liveness renewal rejected; re-reading failed", logErr, err)
+					break
 				}
+				last, known = standing.Seq, true
+				if marker, ok := standing.Message.(*events.LostMarker); ok {
+					// Declared lost: the next renewal rejoins under a new
+					// host epoch. TODO(loom): fence first (issue 3: pause
+					// the domains holding exclusive leases, resume none of
+					// them under the old epoch).
+					a.metrics.renewals.WithLabelValues("lost").Inc()
+					a.log.Error("this host was declared lost: a lost marker superseded our renewal; rejoining",
+						logSeq, standing.Seq, "renewal_seq", marker.RenewalSeq, "detector", marker.Detector)
+					break
+				}
+				a.metrics.renewals.WithLabelValues("rejected").Inc()
+				a.log.Warn("liveness renewal rejected: someone else wrote the liveness subject", logSeq, standing.Seq)
 			case ctx.Err() == nil:
 				a.metrics.renewals.WithLabelValues("error").Inc()
 				if ok, skipped := log.allow(); ok {
@@ -67,19 +78,31 @@ func (a *Agent) renewLoop(ctx context.Context) error {
 	}
 }
 
-// lastLivenessSeq reads the sequence of the last message on the host's
-// liveness subject through the stream leader; 0 when there is none.
-func (a *Agent) lastLivenessSeq(ctx context.Context) (uint64, error) {
+// livenessMessage is what stands on the host's liveness subject.
+type livenessMessage struct {
+	Seq uint64
+	// Message is a *events.Renewal or a *events.LostMarker; nil when the
+	// subject is empty or the message undecodable.
+	Message any
+}
+
+// lastLiveness reads the last message on the host's liveness subject
+// through the stream leader.
+func (a *Agent) lastLiveness(ctx context.Context) (livenessMessage, error) {
 	ctx, cancel := context.WithTimeout(ctx, a.cfg.RenewInterval)
 	defer cancel()
 	m, err := bus.LastOnSubject(ctx, a.cfg.Conn, events.StreamLiveness, events.LivenessSubject(a.cfg.Host))
 	if errors.Is(err, bus.ErrNoMessage) {
-		return 0, nil
+		return livenessMessage{}, nil
 	}
 	if err != nil {
-		return 0, err
+		return livenessMessage{}, err
 	}
-	return m.Seq, nil
+	decoded, err := events.DecodeLiveness(m.Header.Get(events.HeaderType), m.Data)
+	if err != nil {
+		a.log.Warn("undecodable message on the liveness subject", logSeq, m.Seq, logErr, err)
+	}
+	return livenessMessage{Seq: m.Seq, Message: decoded}, nil
 }
 
 // renew publishes one renewal expecting the subject to stand at previous,
@@ -93,7 +116,7 @@ func (a *Agent) renew(ctx context.Context, previous uint64) (uint64, error) {
 		return 0, err
 	}
 	msg := &nats.Msg{Subject: events.LivenessSubject(a.cfg.Host), Data: data, Header: nats.Header{}}
-	msg.Header.Set(events.HeaderType, typeRenewal)
+	msg.Header.Set(events.HeaderType, events.LivenessRenewal)
 	msg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(previous, 10))
 	// TODO(loom): note the monotonic time before publishing and, on the ack,
 	// hand the fencing deadline (sent + TTL - margin) to `loom fence`.

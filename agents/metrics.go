@@ -13,7 +13,7 @@ type metrics struct {
 	observations *prometheus.CounterVec
 	// reconcileSeconds times reconciles that reached libvirtd, by result.
 	reconcileSeconds *prometheus.HistogramVec
-	// renewals counts liveness renewals by result (ok, rejected, error).
+	// renewals counts liveness renewals by result (ok, rejected, lost, error).
 	renewals *prometheus.CounterVec
 	// conflicts counts appends rejected because someone else wrote an
 	// agent-owned subject.
@@ -40,7 +40,7 @@ func newMetrics(host string) *metrics {
 		}, []string{"result"}),
 		renewals: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "loom", Subsystem: "agent", Name: "liveness_renewals_total", ConstLabels: labels,
-			Help: "Liveness renewals, by result (ok, rejected, error).",
+			Help: "Liveness renewals, by result (ok, rejected, lost: a lost marker stood, error).",
 		}, []string{"result"}),
 		conflicts: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "loom", Subsystem: "agent", Name: "subject_conflicts_total", ConstLabels: labels,
