@@ -217,6 +217,27 @@ func (f *fleet) vm(name string, minSeq uint64) (events.VMView, error) {
 	return reply.VMs[0], nil
 }
 
+// host asks the host read model.
+func (f *fleet) host(name string) (events.HostView, error) {
+	f.t.Helper()
+	data, _ := events.Marshal(events.Query{Name: name})
+	resp, err := f.conn.Conn.Request(events.QuerySubject(events.KindHost, events.VerbGet), data, 10*time.Second)
+	if err != nil {
+		return events.HostView{}, err
+	}
+	var reply events.QueryReply
+	if err := events.Unmarshal(resp.Data, &reply); err != nil {
+		return events.HostView{}, err
+	}
+	if reply.Error != nil {
+		return events.HostView{}, reply.Error
+	}
+	if len(reply.Hosts) != 1 {
+		return events.HostView{}, fmt.Errorf("get %s: %d hosts", name, len(reply.Hosts))
+	}
+	return reply.Hosts[0], nil
+}
+
 // converged waits until the VM converged on its goal, and returns it.
 func (f *fleet) converged(name string, minSeq uint64) events.VMView {
 	f.t.Helper()

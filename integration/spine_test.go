@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/handlers"
 )
 
 // A VM goes through every goal; after each, libvirt's own view of the
@@ -216,4 +217,52 @@ func (f *fleet) decisionsOn(filter string) uint64 {
 		n += count
 	}
 	return n
+}
+
+// An agent that dies leaves its host silent: after TTL plus the detector's
+// margin the host is declared lost and takes no new VMs; the agent started
+// again learns it was declared lost, rejoins under a new epoch, and the
+// host takes VMs again.
+func TestSpine_SilentHostLostThenRejoins(t *testing.T) {
+	t.Parallel()
+	f := newFleet(t, 17)
+	name := "host-1"
+	if _, ok := f.hosts[name]; !ok {
+		t.Fatalf("fleet hosts %v, want %s", f.hosts, name)
+	}
+	f.hosts[name].agent.stop(t)
+	stopped := time.Now()
+	waitFor(t, 30*time.Second, name+" declared lost", func() error {
+		h, err := f.host(name)
+		if err != nil {
+			return err
+		}
+		if !h.Lost {
+			return fmt.Errorf("%s not lost yet", name)
+		}
+		return nil
+	})
+	t.Logf("%s declared lost %s after its agent stopped (TTL 2s + margin %s)", name, time.Since(stopped).Round(100*time.Millisecond), handlers.DefaultDetectorMargin)
+	if _, err := f.command(events.KindVM, events.VerbCreate, &events.CreateVM{Name: "web", Image: "demo", CPU: 1, MemoryMiB: 128}); !isCode(err, events.CodeNoCapacity) {
+		t.Fatalf("create on a fleet whose only host is lost: %v, want no_capacity", err)
+	}
+
+	f.startAgent(name)
+	waitFor(t, 30*time.Second, name+" rejoined", func() error {
+		h, err := f.host(name)
+		if err != nil {
+			return err
+		}
+		if h.Lost || h.Epoch <= h.LostMarker {
+			return fmt.Errorf("%s lost=%v epoch %d marker %d", name, h.Lost, h.Epoch, h.LostMarker)
+		}
+		return nil
+	})
+	reply := f.mustCommand(events.KindVM, events.VerbCreate, &events.CreateVM{Name: "web", Image: "demo", CPU: 1, MemoryMiB: 128})
+	f.converged("web", reply.LastSeq())
+}
+
+func isCode(err error, code events.Code) bool {
+	var fault *events.Fault
+	return errors.As(err, &fault) && fault.Code == code
 }

@@ -81,7 +81,10 @@ func newHostCommand(flags *clientFlags) *cobra.Command {
 			rows := make([][]string, 0, len(reply.Hosts))
 			for _, h := range reply.Hosts {
 				state := "ready"
-				if h.Cordoned {
+				switch {
+				case h.Lost:
+					state = "lost"
+				case h.Cordoned:
 					state = "cordoned"
 				}
 				orphans := make([]string, 0, len(h.Orphans))

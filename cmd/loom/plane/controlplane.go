@@ -84,6 +84,7 @@ func RunControlPlane(ctx context.Context, conn *Connection, cfg ControlPlaneConf
 	g.Go(func() error { return store.Run(ctx, conn.JS) })
 	g.Go(func() error { return dispatcher.Run(ctx) })
 	g.Go(func() error { return commands.RunScheduler(ctx) })
+	g.Go(func() error { return commands.RunDetector(ctx) })
 	if httpAddr != "" {
 		mux := metricsMux(registry)
 		mux.Handle("/readyz", readyHandler(conn, store))
