@@ -367,6 +367,12 @@ func hostLine(row HostRow) string {
 	if h.Cordoned {
 		line += " cordoned(" + h.CordonReason + ")"
 	}
+	if h.Lost {
+		line += fmt.Sprintf(" lost(marker %d)", h.LostMarker)
+	}
+	if h.Epoch > 0 {
+		line += fmt.Sprintf(" epoch=%d", h.Epoch)
+	}
 	if orphans := sortedKeys(h.Orphans); len(orphans) > 0 {
 		line += " orphans=" + strings.Join(orphans, ",")
 	}
@@ -384,6 +390,7 @@ func newEvent(t testing.TB, typ events.Type) events.Event {
 		events.TypeVMGoalChanged: &events.VMGoalChanged{}, events.TypeVMDeleted: &events.VMDeleted{},
 		events.TypeVMObserved: &events.VMObserved{}, events.TypeVMProgress: &events.VMProgress{},
 		events.TypeHostOrphanFound: &events.HostOrphanFound{}, events.TypeHostOrphanCleared: &events.HostOrphanCleared{},
+		events.TypeHostLost: &events.HostLost{}, events.TypeHostRejoined: &events.HostRejoined{},
 	}
 	if len(known) != len(events.Types()) {
 		t.Fatalf("newEvent knows %d event types, events has %d: add the new ones", len(known), len(events.Types()))
