@@ -61,23 +61,36 @@ type watched struct {
 	refused bool
 }
 
-// detector is the state of one RunDetector.
+// detector is the state of one RunDetector. It outlives restarts of the
+// consumer: a renewal seen again after a restart keeps the time it was
+// first received, so a flapping consumer cannot postpone a deadline.
 type detector struct {
 	s     *Service
 	id    string
 	hosts map[string]*watched
+	// undeclared are landed markers whose host.lost is not recorded yet,
+	// by host: retried each pass until it is.
+	undeclared map[string]marker
 }
+
+// marker is a lost marker that landed.
+type marker struct{ seq, renewalSeq uint64 }
 
 // RunDetector runs the failure detector until ctx ends; it returns nil then.
 func (s *Service) RunDetector(ctx context.Context) error {
-	d := &detector{s: s, id: ulid.MustNew(ulid.Now(), rand.Reader).String(), hosts: map[string]*watched{}}
-	for failures := 0; ctx.Err() == nil; failures++ {
+	d := &detector{s: s, id: ulid.MustNew(ulid.Now(), rand.Reader).String(),
+		hosts: map[string]*watched{}, undeclared: map[string]marker{}}
+	for attempt := 1; ctx.Err() == nil; attempt++ {
+		started := time.Now()
 		err := d.follow(ctx)
 		if ctx.Err() != nil {
 			break
 		}
-		s.log.Warn("failure detector: following liveness failed; starting over", keyErr, err)
-		if err := backoff(ctx, min(failures+1, 8)); err != nil {
+		if time.Since(started) > time.Minute {
+			attempt = 1
+		}
+		s.log.Warn("failure detector: following liveness failed; starting over", keyErr, err, "attempt", attempt)
+		if err := backoff(ctx, attempt); err != nil {
 			break
 		}
 	}
@@ -85,7 +98,7 @@ func (s *Service) RunDetector(ctx context.Context) error {
 }
 
 // follow reads the last liveness message of every host, then each new one,
-// and between messages looks for hosts past their deadline.
+// and every DetectInterval looks for hosts past their deadline.
 func (d *detector) follow(ctx context.Context) error {
 	stream, err := d.s.cfg.JS.Stream(ctx, events.StreamLiveness)
 	if err != nil {
@@ -98,19 +111,44 @@ func (d *detector) follow(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	interval := d.s.cfg.DetectInterval
-	for ctx.Err() == nil {
-		msg, err := cons.Next(jetstream.FetchMaxWait(interval))
-		switch {
-		case err == nil:
-			d.observe(ctx, msg)
-		case errors.Is(err, jetstream.ErrNoMessages), errors.Is(err, context.DeadlineExceeded), errors.Is(err, nats.ErrTimeout):
-		default:
-			return err
-		}
-		d.check(ctx)
+	// One long-lived subscription (a Next with a timeout on an ordered
+	// consumer makes a new server-side consumer each call), read by a
+	// goroutine, so that this one alone touches the detector's state.
+	iter, err := cons.Messages()
+	if err != nil {
+		return err
 	}
-	return nil
+	defer iter.Stop()
+	msgs := make(chan jetstream.Msg)
+	failed := make(chan error, 1)
+	go func() {
+		for {
+			msg, err := iter.Next()
+			if err != nil {
+				failed <- err
+				return
+			}
+			select {
+			case msgs <- msg:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	ticker := time.NewTicker(d.s.cfg.DetectInterval)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case msg := <-msgs:
+			d.observe(ctx, msg)
+		case err := <-failed:
+			return err
+		case <-ticker.C:
+			d.check(ctx)
+		}
+	}
 }
 
 // observe takes one liveness message.
@@ -137,17 +175,24 @@ func (d *detector) observe(ctx context.Context, msg jetstream.Msg) {
 		if ttl <= 0 {
 			ttl = defaultRenewalTTL
 		}
+		if w, ok := d.hosts[host]; ok && w.renewalSeq == seq {
+			return // seen before a restart of the consumer: its deadline stands
+		}
 		d.hosts[host] = &watched{renewalSeq: seq, received: d.s.cfg.Now(), ttl: ttl}
+		delete(d.undeclared, host)
 		d.rejoin(ctx, host, seq)
 	case *events.LostMarker:
 		delete(d.hosts, host)
-		d.declare(ctx, host, seq, m.RenewalSeq)
+		d.undeclared[host] = marker{seq: seq, renewalSeq: m.RenewalSeq}
+		d.declareUndeclared(ctx)
 	}
 }
 
-// check claims lost every host past its deadline.
+// check claims lost every host past its deadline, and records host.lost
+// for every landed marker not recorded yet.
 func (d *detector) check(ctx context.Context) {
-	d.s.detectorPasses.Add(1)
+	defer d.s.detectorPasses.Add(1)
+	defer d.declareUndeclared(ctx)
 	now := d.s.cfg.Now()
 	for host, w := range d.hosts {
 		if w.refused || now.Sub(w.received) < w.ttl+d.s.cfg.DetectorMargin {
@@ -157,9 +202,9 @@ func (d *detector) check(ctx context.Context) {
 		switch {
 		case err == nil:
 			delete(d.hosts, host)
+			d.undeclared[host] = marker{seq: seq, renewalSeq: w.renewalSeq}
 			d.s.log.Warn("host went silent: lost marker landed", keyHost, host, "renewal_seq", w.renewalSeq, "marker_seq", seq,
 				"silent_for", now.Sub(w.received).Round(time.Millisecond))
-			d.declare(ctx, host, seq, w.renewalSeq)
 		case errors.Is(err, bus.ErrWrongLastSeq):
 			w.refused = true // the host renewed, or another detector marked it: the consumer brings which
 		default:
@@ -194,21 +239,33 @@ func (d *detector) mark(ctx context.Context, host string, renewalSeq uint64) (ui
 	return ack.Sequence, nil
 }
 
+// declareUndeclared records host.lost for each landed marker not recorded
+// yet; those that fail stay for the next pass.
+func (d *detector) declareUndeclared(ctx context.Context) {
+	for host, m := range d.undeclared {
+		if d.declare(ctx, host, m.seq, m.renewalSeq) {
+			delete(d.undeclared, host)
+		}
+	}
+}
+
 // declare appends host.lost for the marker at markerSeq, unless the host's
 // subject already records it (another replica, or an earlier pass) or a
-// rejoin after it.
-func (d *detector) declare(ctx context.Context, host string, markerSeq, renewalSeq uint64) {
+// rejoin after it. False means it failed and should be tried again.
+func (d *detector) declare(ctx context.Context, host string, markerSeq, renewalSeq uint64) bool {
 	c := newCommand(detectorActor, "lost-"+strconv.FormatUint(markerSeq, 10), "", events.Origin{Time: d.s.cfg.Now()})
 	res, fault := appendStep(ctx, d.s, d.s.hosts, c, host, 0, events.TypeHostLost, func(h *hostView) (events.Event, *events.Fault) {
 		return decideLost(&h.state, markerSeq, renewalSeq), nil
 	})
 	switch {
 	case fault != nil:
-		d.s.log.Warn("failure detector: record host.lost", keyHost, host, "marker_seq", markerSeq, keyErr, fault)
+		d.s.log.Warn("failure detector: record host.lost; will retry", keyHost, host, "marker_seq", markerSeq, keyErr, fault)
+		return false
 	case res.appended != nil && !res.replayed:
 		d.s.metrics.hostsLost.Inc()
 		d.s.log.Warn("host declared lost", keyHost, host, "marker_seq", markerSeq, "seq", res.appended.Seq)
 	}
+	return true
 }
 
 // rejoin appends host.rejoined when a renewal at seq follows the lost
