@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
 
@@ -98,21 +99,25 @@ func tailEvents(ctx context.Context, c *client, tf tailFlags, w io.Writer) error
 	if tf.noFollow && (end == 0 || cfg.OptStartSeq > end) {
 		return nil
 	}
+	// One subscription for the whole tail: a fetch per message on an
+	// ordered consumer would make a server-side consumer each time.
+	iter, err := cons.Messages()
+	if err != nil {
+		return err
+	}
+	defer iter.Stop()
+	// Following waits as long as it takes; --no-follow stops once a second
+	// passes with nothing (the filters may leave nothing up to end).
+	next := jetstream.NextContext(ctx)
+	if tf.noFollow {
+		next = jetstream.NextMaxWait(time.Second)
+	}
 	for {
-		msg, err := cons.Next(jetstream.FetchMaxWait(time.Second))
-		if errors.Is(err, jetstream.ErrNoMessages) || errors.Is(err, context.DeadlineExceeded) {
-			if ctx.Err() != nil {
-				return nil
-			}
-			if tf.noFollow {
-				return nil
-			}
-			continue
+		msg, err := iter.Next(next)
+		if ctx.Err() != nil || (tf.noFollow && errors.Is(err, nats.ErrTimeout)) {
+			return nil
 		}
 		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
 			return err
 		}
 		meta, err := msg.Metadata()
