@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -25,12 +26,14 @@ import (
 // fleet is Loom on one machine, for a test: NATS, the control plane, and
 // hosts with their agents, each restartable.
 type fleet struct {
-	t       *testing.T
-	dir     string
-	conn    *plane.Connection
-	plane   *part
-	hosts   map[string]*host
-	actor   string
+	t     *testing.T
+	dir   string
+	conn  *plane.Connection
+	plane *part
+	hosts map[string]*host
+	actor string
+	// log collects the logs of the control plane and agents.
+	log     *slog.Logger
 	counter atomic.Int64
 }
 
@@ -77,7 +80,40 @@ func logger(t *testing.T) *slog.Logger {
 	if os.Getenv("LOOM_TEST_LOG") != "" {
 		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
-	return slog.New(slog.DiscardHandler)
+	// Kept in memory and shown only when the test fails: CI then says what
+	// the control plane and the agents were doing.
+	buf := &logTail{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("logs of the control plane and agents (the last %d KiB):\n%s", logTailSize>>10, buf.String())
+		}
+	})
+	return slog.New(slog.NewTextHandler(buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+// logTailSize bounds the logs a failing test shows.
+const logTailSize = 256 << 10
+
+// logTail keeps the last logTailSize bytes written to it.
+type logTail struct {
+	mu  sync.Mutex
+	buf []byte
+}
+
+func (l *logTail) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.buf = append(l.buf, p...)
+	if over := len(l.buf) - logTailSize; over > 0 {
+		l.buf = append(l.buf[:0], l.buf[over:]...)
+	}
+	return len(p), nil
+}
+
+func (l *logTail) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return string(l.buf)
 }
 
 // newFleet starts NATS, the control plane and hosts on libvirtd daemons
@@ -88,7 +124,8 @@ func newFleet(t *testing.T, daemonIndexes ...int) *fleet {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	var err error
-	f.conn, err = plane.Connect(ctx, plane.NATSConfig{Listen: "127.0.0.1:0", Sync: "1s"}, f.dir, "it", logger(t))
+	f.log = logger(t)
+	f.conn, err = plane.Connect(ctx, plane.NATSConfig{Listen: "127.0.0.1:0", Sync: "1s"}, f.dir, "it", f.log)
 	if err != nil {
 		t.Fatalf("nats: %v", err)
 	}
@@ -120,7 +157,7 @@ func newFleet(t *testing.T, daemonIndexes ...int) *fleet {
 func (f *fleet) startPlane() {
 	ready := make(chan struct{})
 	f.plane = run(func(ctx context.Context) error {
-		return plane.RunControlPlane(ctx, f.conn, plane.ControlPlaneConfig{DataDir: f.dir, Ready: ready}, logger(f.t))
+		return plane.RunControlPlane(ctx, f.conn, plane.ControlPlaneConfig{DataDir: f.dir, Ready: ready}, f.log)
 	})
 	select {
 	case <-ready:
@@ -135,7 +172,7 @@ func (f *fleet) startAgent(name string) {
 	h := f.hosts[name]
 	h.agent = run(func(ctx context.Context) error {
 		return plane.RunAgent(ctx, f.conn, plane.AgentConfig{Host: name, Socket: h.socket, URI: "test:///default",
-			TTL: 2 * time.Second, StopGrace: time.Second}, logger(f.t))
+			TTL: 2 * time.Second, StopGrace: time.Second}, f.log.With("agent", name))
 	})
 }
 

@@ -3,6 +3,7 @@
 package integration
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -14,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/bus"
 	"github.com/loomctl/loom/handlers"
 )
 
@@ -230,6 +232,15 @@ func TestSpine_SilentHostLostThenRejoins(t *testing.T) {
 	if _, ok := f.hosts[name]; !ok {
 		t.Fatalf("fleet hosts %v, want %s", f.hosts, name)
 	}
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		m, err := bus.LastOnSubject(context.Background(), f.conn.Conn, events.StreamLiveness, events.LivenessSubject(name))
+		t.Logf("on %s: seq %d, %s (err %v)", events.LivenessSubject(name), m.Seq, m.Header.Get(events.HeaderType), err)
+		h, err := f.host(name)
+		t.Logf("host %s: %+v (err %v)", name, h, err)
+	})
 	f.hosts[name].agent.stop(t)
 	stopped := time.Now()
 	waitFor(t, 30*time.Second, name+" declared lost", func() error {
