@@ -50,6 +50,8 @@ type history struct {
 	at    map[string]int
 	// queue holds what an action produced and next has not returned.
 	queue []message
+	// livenessSeq is the last made-up LOOM_LIVENESS sequence.
+	livenessSeq uint64
 }
 
 type genHost struct {
@@ -58,6 +60,9 @@ type genHost struct {
 	used     map[string]int // cpu by VM
 	cordoned bool
 	orphans  []string
+	// lost is the marker sequence the host was declared lost at; 0 when
+	// it is not lost.
+	lost uint64
 }
 
 type genVM struct {
@@ -126,6 +131,8 @@ func (h *history) act() {
 		h.orphan()
 	case n < 79:
 		h.cordon()
+	case n < 80:
+		h.liveness()
 	default:
 		h.report()
 	}
@@ -302,6 +309,22 @@ func (h *history) cordon() {
 	} else {
 		h.emit(subject, events.HostUncordoned{}, h.command(), 0)
 	}
+}
+
+// liveness declares a host lost, or rejoins a lost one, as the failure
+// detector does. Liveness sequences are made up: they live on another
+// stream, and the read models only record them.
+func (h *history) liveness() {
+	host := h.hosts[h.rng.IntN(len(h.hosts))]
+	subject := events.EventSubject(events.KindHost, host.name)
+	h.livenessSeq += 1 + uint64(h.rng.IntN(50))
+	if host.lost == 0 {
+		host.lost = h.livenessSeq
+		h.emit(subject, events.HostLost{MarkerSeq: host.lost, RenewalSeq: host.lost - 1}, "lost-"+strconv.FormatUint(host.lost, 10), 0)
+		return
+	}
+	host.lost = 0
+	h.emit(subject, events.HostRejoined{RenewalSeq: h.livenessSeq}, "rejoin-"+strconv.FormatUint(h.livenessSeq, 10), 0)
 }
 
 // anomaly appends something the read models must ignore or flag.

@@ -140,12 +140,16 @@ func assertCovers(t *testing.T, seed uint64, s *Store) {
 	for _, vm := range vms {
 		phases[vm.Phase]++
 	}
-	allocations := 0
+	allocations, lostOrRejoined := 0, 0
 	for _, h := range hosts {
 		allocations += len(h.State.Allocations)
+		if h.State.Lost || h.State.Epoch > 0 {
+			lostOrRejoined++
+		}
 	}
-	if len(flagged) == 0 || phases[events.PhasePlaced] == 0 || phases[events.PhaseGone] == 0 || allocations == 0 {
-		t.Fatalf("seed %d: history too thin: %d flagged, phases %v, %d allocations", seed, len(flagged), phases, allocations)
+	if len(flagged) == 0 || phases[events.PhasePlaced] == 0 || phases[events.PhaseGone] == 0 || allocations == 0 || lostOrRejoined == 0 {
+		t.Fatalf("seed %d: history too thin: %d flagged, phases %v, %d allocations, %d hosts lost or rejoined",
+			seed, len(flagged), phases, allocations, lostOrRejoined)
 	}
 }
 
