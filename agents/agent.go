@@ -78,6 +78,9 @@ type Config struct {
 	// Resync is the period of full comparisons of every VM with libvirt, which
 	// catches what lifecycle events missed; zero means DefaultResync.
 	Resync time.Duration
+	// FenceMargin is m_a: the fencing deadline after an acknowledged renewal
+	// is TTL - FenceMargin from just before it was sent. Zero means TTL/5.
+	FenceMargin time.Duration
 	// Logger receives the agent's logs; nil discards them.
 	Logger *slog.Logger
 	// Now stamps the events the agent writes; nil means time.Now. Delays and
@@ -108,6 +111,9 @@ func (cfg Config) withDefaults() Config {
 	if cfg.Resync == 0 {
 		cfg.Resync = DefaultResync
 	}
+	if cfg.FenceMargin == 0 {
+		cfg.FenceMargin = cfg.TTL / 5
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -132,6 +138,9 @@ func (cfg Config) Validate() error {
 		return fmt.Errorf("agent config: renew interval %s must be shorter than the TTL %s", cfg.RenewInterval, cfg.TTL)
 	case cfg.Workers < 0:
 		return fmt.Errorf("agent config: workers %d must not be negative", cfg.Workers)
+	case cfg.FenceMargin < 0 || cfg.TTL-cfg.FenceMargin <= cfg.RenewInterval:
+		return fmt.Errorf("agent config: fence margin %s leaves TTL - margin no longer than the renew interval %s: the host would fence between renewals",
+			cfg.FenceMargin, cfg.RenewInterval)
 	case cfg.MaxRetryBackoff < cfg.RetryBackoff:
 		return fmt.Errorf("agent config: max retry backoff %s is below retry backoff %s", cfg.MaxRetryBackoff, cfg.RetryBackoff)
 	}
@@ -153,6 +162,8 @@ type Agent struct {
 	queue   *queue
 	dialLog throttle
 	started atomic.Bool // Run was called
+	// fence is the fencing deadline the renewals keep ahead.
+	fence *fence
 
 	// onReconciled, when set (tests), is called after each reconcile of a VM
 	// that had a connection to libvirtd.
@@ -215,6 +226,7 @@ func New(cfg Config) (*Agent, error) {
 		queue:   newQueue(),
 		dialLog: throttle{period: time.Minute},
 		vms:     map[string]*vmRecord{},
+		fence:   newFence(),
 		orphans: map[string]events.HostOrphanFound{},
 	}, nil
 }
@@ -275,8 +287,15 @@ func (a *Agent) loadReports(ctx context.Context) bool {
 	}
 }
 
-// work runs queued keys until ctx ends.
+// work runs queued keys until ctx ends. It starts once the host's liveness
+// is established: before the first acknowledged renewal, the agent has no
+// fencing deadline and acts on nothing.
 func (a *Agent) work(ctx context.Context) error {
+	select {
+	case <-a.fence.first:
+	case <-ctx.Done():
+		return nil
+	}
 	for {
 		key, ok := a.queue.next(ctx)
 		if !ok {

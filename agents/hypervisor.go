@@ -228,6 +228,10 @@ func unavailableFault() *events.Fault {
 
 // faultOf turns a hypervisor error into the Fault to report.
 func faultOf(err error) *events.Fault {
+	var fault *events.Fault
+	if errors.As(err, &fault) {
+		return fault
+	}
 	if unavailable(err) {
 		return unavailableFault()
 	}

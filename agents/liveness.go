@@ -118,8 +118,10 @@ func (a *Agent) renew(ctx context.Context, previous uint64) (uint64, error) {
 	msg := &nats.Msg{Subject: events.LivenessSubject(a.cfg.Host), Data: data, Header: nats.Header{}}
 	msg.Header.Set(events.HeaderType, events.LivenessRenewal)
 	msg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(previous, 10))
-	// TODO(loom): note the monotonic time before publishing and, on the ack,
-	// hand the fencing deadline (sent + TTL - margin) to `loom fence`.
+	// The fencing deadline counts from before the renewal left: whatever
+	// the round trip took is already spent. TODO(loom): hand it to `loom
+	// fence` too (issue 3).
+	sent := time.Now()
 	ack, err := a.cfg.JS.PublishMsg(ctx, msg)
 	if err != nil {
 		var apiErr *jetstream.APIError
@@ -129,5 +131,6 @@ func (a *Agent) renew(ctx context.Context, previous uint64) (uint64, error) {
 		}
 		return 0, fmt.Errorf("renew %s: %w", msg.Subject, err)
 	}
+	a.fence.extend(sent.Add(a.cfg.TTL - a.cfg.FenceMargin))
 	return ack.Sequence, nil
 }

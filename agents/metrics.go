@@ -15,6 +15,8 @@ type metrics struct {
 	reconcileSeconds *prometheus.HistogramVec
 	// renewals counts liveness renewals by result (ok, rejected, lost, error).
 	renewals *prometheus.CounterVec
+	// fenced counts starts and resumes refused past the fencing deadline.
+	fenced prometheus.Counter
 	// conflicts counts appends rejected because someone else wrote an
 	// agent-owned subject.
 	conflicts prometheus.Counter
@@ -38,6 +40,10 @@ func newMetrics(host string) *metrics {
 			Help:    "Time to reconcile one VM with its goal, by result (ok, error, requeued).",
 			Buckets: prometheus.ExponentialBuckets(0.001, 4, 10),
 		}, []string{"result"}),
+		fenced: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "loom", Subsystem: "agent", Name: "fenced_steps_total", ConstLabels: labels,
+			Help: "Starts and resumes refused because the fencing deadline had passed.",
+		}),
 		renewals: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "loom", Subsystem: "agent", Name: "liveness_renewals_total", ConstLabels: labels,
 			Help: "Liveness renewals, by result (ok, rejected, lost: a lost marker stood, error).",
@@ -67,5 +73,5 @@ func (m *metrics) action(s step, err error) {
 // constant "host" label.
 func (a *Agent) Collectors() []prometheus.Collector {
 	m := a.metrics
-	return []prometheus.Collector{m.actions, m.observations, m.reconcileSeconds, m.renewals, m.conflicts, m.connected}
+	return []prometheus.Collector{m.actions, m.observations, m.reconcileSeconds, m.renewals, m.fenced, m.conflicts, m.connected}
 }

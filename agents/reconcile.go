@@ -208,10 +208,16 @@ func (a *Agent) execute(ctx context.Context, hv Hypervisor, goal events.Goal, uu
 		switch s {
 		case stepDefine:
 			err = hv.Define(ctx, domainSpec(goal, uuid))
-		case stepStart:
-			err = hv.Start(ctx, goal.VM)
-		case stepResume:
-			err = hv.Resume(ctx, goal.VM)
+		case stepStart, stepResume:
+			if fault := a.fence.check(time.Now()); fault != nil {
+				a.metrics.fenced.Inc()
+				return fault
+			}
+			if s == stepStart {
+				err = hv.Start(ctx, goal.VM)
+			} else {
+				err = hv.Resume(ctx, goal.VM)
+			}
 		case stepSuspend:
 			err = hv.Suspend(ctx, goal.VM)
 		case stepDestroy:

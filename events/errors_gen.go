@@ -44,6 +44,8 @@ const (
 	CodeLibvirtUnavailable Code = 5002
 	// A domain of the VM's name exists on the host with another UUID (another incarnation); the agent will not touch it.
 	CodeDomainMismatch Code = 5003
+	// The host's fencing deadline passed (no renewal acknowledged within TTL minus the agent's margin): the agent starts and resumes no domain until a renewal is acknowledged again.
+	CodeFenced Code = 5004
 	// A message on the stream is not a valid Loom event; readers flag it and go on.
 	CodeCorruptEvent Code = 6001
 	// An event's type or version is unknown to this build; upgrade the reader.
@@ -72,6 +74,7 @@ var catalog = map[Code]codeInfo{
 	CodeLibvirtError:       {"libvirt_error", "libvirt refused an operation; the message carries libvirt's own code and text."},
 	CodeLibvirtUnavailable: {"libvirt_unavailable", "The host's libvirtd cannot be reached; the agent keeps retrying."},
 	CodeDomainMismatch:     {"domain_mismatch", "A domain of the VM's name exists on the host with another UUID (another incarnation); the agent will not touch it."},
+	CodeFenced:             {"fenced", "The host's fencing deadline passed (no renewal acknowledged within TTL minus the agent's margin): the agent starts and resumes no domain until a renewal is acknowledged again."},
 	CodeCorruptEvent:       {"corrupt_event", "A message on the stream is not a valid Loom event; readers flag it and go on."},
 	CodeUnknownEvent:       {"unknown_event", "An event's type or version is unknown to this build; upgrade the reader."},
 }

@@ -41,6 +41,7 @@ and never creates or changes streams.`,
 	cmd.Flags().StringVar(&cfg.URI, "libvirt", libvirt.DefaultURI, "libvirt driver URI, e.g. qemu:///system or test:///default")
 	cmd.Flags().BoolVar(&cfg.Simulated, "simulated", false, "the host is libvirt's test driver: hold a connection open so its state survives reconnects, and remove its built-in domain")
 	cmd.Flags().DurationVar(&cfg.TTL, "ttl", 10*time.Second, "liveness TTL of each renewal")
+	cmd.Flags().DurationVar(&cfg.FenceMargin, "fence-margin", 0, "m_a: the agent starts and resumes nothing once TTL minus this has passed since its last acknowledged renewal was sent (default TTL/5)")
 	cmd.Flags().DurationVar(&cfg.StopGrace, "stop-grace", 30*time.Second, "how long a guest has to power off before it is destroyed")
 	cmd.Flags().StringVar(&cfg.HTTPAddr, "http", "", "HTTP address for /metrics (empty: none)")
 	cmd.Flags().BoolVarP(&verbose, "verbose", "v", false, "debug logging")

@@ -24,9 +24,9 @@ type AgentConfig struct {
 	// reconnects), and the driver's built-in domain "test" is removed
 	// first, so the host starts empty instead of with an orphan.
 	Simulated bool
-	// TTL of each liveness renewal and StopGrace for guest shutdowns; zero
-	// takes the agent's defaults.
-	TTL, StopGrace time.Duration
+	// TTL of each liveness renewal, FenceMargin (m_a) and StopGrace for
+	// guest shutdowns; zero takes the agent's defaults.
+	TTL, FenceMargin, StopGrace time.Duration
 	// HTTPAddr serves the agent's /metrics; empty serves none.
 	HTTPAddr string
 }
@@ -58,7 +58,7 @@ func RunAgent(ctx context.Context, conn *Connection, cfg AgentConfig, log *slog.
 			}
 			return c, nil
 		},
-		TTL: cfg.TTL, StopGrace: cfg.StopGrace,
+		TTL: cfg.TTL, FenceMargin: cfg.FenceMargin, StopGrace: cfg.StopGrace,
 		Logger: log.With("host", cfg.Host),
 	})
 	if err != nil {
