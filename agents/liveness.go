@@ -4,11 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strconv"
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/loomctl/loom/events"
 	"github.com/loomctl/loom/events/bus"
@@ -117,20 +115,14 @@ func (a *Agent) renew(ctx context.Context, previous uint64) (uint64, error) {
 	}
 	msg := &nats.Msg{Subject: events.LivenessSubject(a.cfg.Host), Data: data, Header: nats.Header{}}
 	msg.Header.Set(events.HeaderType, events.LivenessRenewal)
-	msg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(previous, 10))
 	// The fencing deadline counts from before the renewal left: whatever
 	// the round trip took is already spent. TODO(loom): hand it to `loom
 	// fence` too (issue 3).
 	sent := time.Now()
-	ack, err := a.cfg.JS.PublishMsg(ctx, msg)
+	ack, err := bus.PublishExpecting(ctx, a.cfg.JS, msg, bus.Expect{Seq: previous})
 	if err != nil {
-		var apiErr *jetstream.APIError
-		if errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
-			apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant) {
-			return 0, fmt.Errorf("renew %s: %w: %w", msg.Subject, bus.ErrWrongLastSeq, err)
-		}
-		return 0, fmt.Errorf("renew %s: %w", msg.Subject, err)
+		return 0, fmt.Errorf("renew: %w", err)
 	}
 	a.fence.extend(sent.Add(a.cfg.TTL - a.cfg.FenceMargin))
-	return ack.Sequence, nil
+	return ack.Seq, nil
 }

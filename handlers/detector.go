@@ -224,19 +224,18 @@ func (d *detector) mark(ctx context.Context, host string, renewalSeq uint64) (ui
 	}
 	msg := &nats.Msg{Subject: events.LivenessSubject(host), Data: data, Header: nats.Header{}}
 	msg.Header.Set(events.HeaderType, events.LivenessLostMarker)
-	if !d.s.unfencedMarkers {
-		msg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(renewalSeq, 10))
-	}
-	ack, err := d.s.publisher.PublishMsg(ctx, msg)
-	if err != nil {
-		var apiErr *jetstream.APIError
-		if errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
-			apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant) {
-			return 0, fmt.Errorf("lost marker for %s: %w", host, bus.ErrWrongLastSeq)
+	if d.s.unfencedMarkers {
+		ack, err := d.s.publisher.PublishMsg(ctx, msg)
+		if err != nil {
+			return 0, err
 		}
+		return ack.Sequence, nil
+	}
+	a, err := bus.PublishExpecting(ctx, d.s.publisher, msg, bus.Expect{Seq: renewalSeq})
+	if err != nil {
 		return 0, fmt.Errorf("lost marker for %s: %w", host, err)
 	}
-	return ack.Sequence, nil
+	return a.Seq, nil
 }
 
 // declareUndeclared records host.lost for each landed marker not recorded

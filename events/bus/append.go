@@ -65,16 +65,31 @@ func AppendExpecting(ctx context.Context, js jetstream.Publisher, subject string
 	msg := &nats.Msg{Subject: subject, Data: data, Header: nats.Header{}}
 	msg.Header.Set(events.HeaderType, string(env.Type))
 	msg.Header.Set(events.HeaderVersion, strconv.Itoa(env.Version))
-	msg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(expect.Seq, 10))
-	if expect.Subject != "" && expect.Subject != subject {
-		msg.Header.Set(headerExpectedLastSubjSeqSubject, expect.Subject)
-	}
 	if msgID != "" {
 		msg.Header.Set(jetstream.MsgIDHeader, msgID)
 	}
+	a, err := PublishExpecting(ctx, js, msg, expect)
+	if err != nil {
+		return Appended{}, fmt.Errorf("append %s: %w", env.Type, err)
+	}
+	return a, nil
+}
+
+// PublishExpecting stores msg (any message of any Loom stream: an event, a
+// goal, a liveness renewal or marker) only if expect holds, and maps
+// JetStream's answers to ErrWrongLastSeq and ErrTryAgain. msg's headers
+// are kept; the check's are added.
+func PublishExpecting(ctx context.Context, js jetstream.Publisher, msg *nats.Msg, expect Expect) (Appended, error) {
+	if msg.Header == nil {
+		msg.Header = nats.Header{}
+	}
+	msg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(expect.Seq, 10))
+	if expect.Subject != "" && expect.Subject != msg.Subject {
+		msg.Header.Set(headerExpectedLastSubjSeqSubject, expect.Subject)
+	}
 	ack, err := js.PublishMsg(ctx, msg)
 	if err != nil {
-		return Appended{}, fmt.Errorf("append %s to %s: %w", env.Type, subject, classify(err))
+		return Appended{}, fmt.Errorf("publish to %s: %w", msg.Subject, classify(err))
 	}
 	return Appended{Seq: ack.Sequence, Duplicate: ack.Duplicate}, nil
 }

@@ -260,21 +260,18 @@ func (d *Dispatcher) dispatch(ctx context.Context, s *events.VMState) error {
 	msg := &nats.Msg{Subject: subject, Data: data, Header: nats.Header{}}
 	msg.Header.Set(events.HeaderType, "goal")
 	msg.Header.Set(events.HeaderIncarnation, strconv.FormatUint(goal.Incarnation, 10))
-	msg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(have.seq, 10))
 	msg.Header.Set(jetstream.MsgIDHeader, subject+"@"+strconv.FormatUint(goal.Incarnation, 10))
-	ack, err := d.cfg.JS.PublishMsg(ctx, msg)
+	ack, err := bus.PublishExpecting(ctx, d.cfg.JS, msg, bus.Expect{Seq: have.seq})
+	if errors.Is(err, bus.ErrWrongLastSeq) {
+		// Another dispatcher moved the goal: learn what stands, and look at
+		// this VM again.
+		return d.refresh(ctx, subject)
+	}
 	if err != nil {
-		var apiErr *jetstream.APIError
-		if errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
-			apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant) {
-			// Another dispatcher moved the goal: learn what stands, and
-			// look at this VM again.
-			return d.refresh(ctx, subject)
-		}
 		return fmt.Errorf("publish goal %s@%d: %w", subject, goal.Incarnation, err)
 	}
 	d.mu.Lock()
-	d.goals[subject] = standing{incarnation: goal.Incarnation, seq: ack.Sequence}
+	d.goals[subject] = standing{incarnation: goal.Incarnation, seq: ack.Seq}
 	d.published++
 	d.mu.Unlock()
 	d.log.Debug("goal published", "vm", goal.VM, "host", goal.Host, "desired", goal.Desired, "incarnation", goal.Incarnation)
