@@ -5,11 +5,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -33,24 +31,20 @@ const convergeLimit = 5 * time.Minute
 // baseline is what libvirt alone takes: define and start a domain on the
 // same kind of daemon, directly, at the same concurrency.
 func benchConverge(ctx context.Context, cfg benchConfig, dir string, w io.Writer) error {
-	script, err := findOpsScript("libvirt/host.sh")
-	if err != nil {
-		return err
-	}
 	log := quietLogger()
 	if cfg.verbose {
 		log = newLogger(false)
 	}
-	sockets := make([]string, convergeHosts+1)
-	for i := range sockets {
-		hostDir := filepath.Join(dir, "hosts", strconv.Itoa(i))
-		out, err := exec.CommandContext(ctx, script, "start", hostDir, strconv.Itoa(230+i)).Output()
-		if err != nil {
-			return fmt.Errorf("start libvirtd: %w (%s)", err, exitText(err))
-		}
-		defer stopHost(script, hostDir, log)
-		sockets[i] = strings.TrimSpace(string(out))
+	dirs := make([]string, convergeHosts+1)
+	for i := range dirs {
+		dirs[i] = filepath.Join(dir, "hosts", strconv.Itoa(i))
 	}
+	hosts, err := startSimHosts(ctx, dirs, 230, log)
+	if err != nil {
+		return err
+	}
+	defer hosts.stop()
+	sockets := hosts.sockets
 	baseline, err := rawLibvirtLatencies(ctx, sockets[convergeHosts], cfg)
 	if err != nil {
 		return fmt.Errorf("libvirt baseline: %w", err)

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -196,20 +195,4 @@ func runClients(ctx context.Context, cfg benchConfig, url string, work func(ctx 
 		}
 	}
 	return first
-}
-
-// retryUnavailable retries f while the control plane is still starting.
-func retryUnavailable(ctx context.Context, f func() error) error {
-	for {
-		err := f()
-		var fault *events.Fault
-		if !errors.As(err, &fault) || fault.Code != events.CodeUnavailable {
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
 }

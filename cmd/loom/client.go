@@ -138,3 +138,19 @@ func requestError(subject string, err error) error {
 	}
 	return fmt.Errorf("%s: %w", subject, err)
 }
+
+// retryUnavailable retries f while the control plane is still starting.
+func retryUnavailable(ctx context.Context, f func() error) error {
+	for {
+		err := f()
+		var fault *events.Fault
+		if !errors.As(err, &fault) || fault.Code != events.CodeUnavailable {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}

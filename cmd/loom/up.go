@@ -5,11 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
-	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -69,10 +65,6 @@ func runUp(ctx context.Context, cfg upConfig, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	hostScript, err := findOpsScript("libvirt/host.sh")
-	if err != nil {
-		return err
-	}
 	conn, err := plane.Connect(ctx, cfg.nats, dataDir, "loom-up", log)
 	if err != nil {
 		return err
@@ -80,16 +72,16 @@ func runUp(ctx context.Context, cfg upConfig, out io.Writer) error {
 	defer conn.Close()
 
 	// Simulated hosts: one namespaced libvirtd each, stopped on the way out.
-	sockets := make([]string, cfg.hosts)
-	for i := range sockets {
-		dir := filepath.Join(dataDir, "hosts", hostName(i))
-		out, err := exec.CommandContext(ctx, hostScript, "start", dir, fmt.Sprint(i+1)).Output()
-		if err != nil {
-			return fmt.Errorf("start libvirtd for %s: %w (%s)", hostName(i), err, exitText(err))
-		}
-		sockets[i] = strings.TrimSpace(string(out))
-		defer stopHost(hostScript, dir, log)
+	dirs := make([]string, cfg.hosts)
+	for i := range dirs {
+		dirs[i] = filepath.Join(dataDir, "hosts", hostName(i))
 	}
+	hosts, err := startSimHosts(ctx, dirs, 1, log)
+	if err != nil {
+		return err
+	}
+	defer hosts.stop()
+	sockets := hosts.sockets
 
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
@@ -156,46 +148,4 @@ func printWhere(w io.Writer, conn *plane.Connection, cfg upConfig, dataDir strin
 	}
 	fmt.Fprintf(w, "  image       demo\n\nTry, in another shell:\n")
 	fmt.Fprintf(w, "  loom vm create web-1 --image demo --cpu 1 --mem 256 --wait 30s\n  loom vm get web-1\n  loom events tail\n\nCtrl-C stops everything.\n")
-}
-
-func stopHost(script, dir string, log *slog.Logger) {
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	if out, err := exec.CommandContext(ctx, script, "stop", dir).CombinedOutput(); err != nil {
-		log.Warn("stop libvirtd", "dir", dir, "err", err, "output", string(out))
-	}
-}
-
-// findOpsScript finds ops/<rel> beside the binary's source tree: from the
-// working directory upwards, then from the executable's directory upwards.
-func findOpsScript(rel string) (string, error) {
-	var starts []string
-	if wd, err := os.Getwd(); err == nil {
-		starts = append(starts, wd)
-	}
-	if exe, err := os.Executable(); err == nil {
-		starts = append(starts, filepath.Dir(exe))
-	}
-	for _, dir := range starts {
-		for {
-			candidate := filepath.Join(dir, "ops", rel)
-			if _, err := os.Stat(candidate); err == nil {
-				return candidate, nil
-			}
-			parent := filepath.Dir(dir)
-			if parent == dir {
-				break
-			}
-			dir = parent
-		}
-	}
-	return "", fmt.Errorf("ops/%s not found above %v: run loom up from the Loom checkout", rel, starts)
-}
-
-func exitText(err error) string {
-	var exit *exec.ExitError
-	if errors.As(err, &exit) {
-		return strings.TrimSpace(string(exit.Stderr))
-	}
-	return ""
 }
