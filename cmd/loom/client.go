@@ -73,6 +73,19 @@ func (f *clientFlags) connect() (*client, error) {
 
 func (c *client) close() { c.nc.Close() }
 
+// withClient makes the RunE of a verb that talks to the control plane: it
+// connects, runs fn, and disconnects.
+func (f *clientFlags) withClient(fn func(cmd *cobra.Command, args []string, c *client) error) func(*cobra.Command, []string) error {
+	return func(cmd *cobra.Command, args []string) error {
+		c, err := f.connect()
+		if err != nil {
+			return err
+		}
+		defer c.close()
+		return fn(cmd, args, c)
+	}
+}
+
 // newCommandID is the id of a command this invocation sends.
 func (c *client) newCommandID() string {
 	if c.flags.commandID != "" {

@@ -36,17 +36,12 @@ func newEventsCommand(flags *clientFlags) *cobra.Command {
 		Use:   "tail",
 		Short: "Print events as they are appended, decoded (-o json for JSON lines)",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := flags.connect()
-			if err != nil {
-				return err
-			}
-			defer c.close()
+		RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
 			if tf.json {
 				c.flags.output = "json"
 			}
 			return tailEvents(cmd.Context(), c, tf, cmd.OutOrStdout())
-		},
+		}),
 	}
 	tail.Flags().StringVar(&tf.from, "from", "", "start at this stream sequence or RFC 3339 time (default: the last --last events)")
 	tail.Flags().IntVar(&tf.last, "last", 50, "without --from, start this many events before the end")

@@ -17,19 +17,14 @@ func newHostCommand(flags *clientFlags) *cobra.Command {
 	var reg events.RegisterHost
 	register := &cobra.Command{
 		Use: "register NAME --cpu N --mem MIB", Short: "Register a host and its capacity", Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := flags.connect()
-			if err != nil {
-				return err
-			}
-			defer c.close()
+		RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
 			reg.Name, reg.CommandID = args[0], c.newCommandID()
 			reply, err := c.command(cmd.Context(), events.KindHost, events.VerbRegister, &reg)
 			if err != nil {
 				return err
 			}
 			return printReply(cmd.OutOrStdout(), flags.output, reply)
-		},
+		}),
 	}
 	register.Flags().IntVar(&reg.CPU, "cpu", 0, "CPUs the host offers")
 	register.Flags().IntVar(&reg.MemoryMiB, "mem", 0, "memory the host offers, MiB")
@@ -43,19 +38,14 @@ func newHostCommand(flags *clientFlags) *cobra.Command {
 		var reason string
 		c := &cobra.Command{
 			Use: verb + " NAME", Short: short, Args: cobra.ExactArgs(1),
-			RunE: func(cmd *cobra.Command, args []string) error {
-				c, err := flags.connect()
-				if err != nil {
-					return err
-				}
-				defer c.close()
+			RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
 				body := events.CordonHost{CommandMeta: events.CommandMeta{CommandID: c.newCommandID()}, Name: args[0], Reason: reason, Uncordon: uncordon}
 				reply, err := c.command(cmd.Context(), events.KindHost, verb, &body)
 				if err != nil {
 					return err
 				}
 				return printReply(cmd.OutOrStdout(), flags.output, reply)
-			},
+			}),
 		}
 		if !uncordon {
 			c.Flags().StringVar(&reason, "reason", "", "why, for the record")
@@ -65,12 +55,7 @@ func newHostCommand(flags *clientFlags) *cobra.Command {
 
 	list := &cobra.Command{
 		Use: "list", Short: "List hosts with their capacity", Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := flags.connect()
-			if err != nil {
-				return err
-			}
-			defer c.close()
+		RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
 			reply, err := c.query(cmd.Context(), events.KindHost, events.VerbList, events.Query{})
 			if err != nil {
 				return err
@@ -97,7 +82,7 @@ func newHostCommand(flags *clientFlags) *cobra.Command {
 					strconv.Itoa(h.VMs), orDash(strings.Join(orphans, ","))})
 			}
 			return table(cmd.OutOrStdout(), []string{"HOST", "STATE", "CPU USED", "MEM USED (MiB)", "VMS", "ORPHANS"}, rows)
-		},
+		}),
 	}
 	cmd.AddCommand(register, cordon(false), cordon(true), list)
 	return cmd

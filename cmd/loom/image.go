@@ -14,19 +14,14 @@ func newImageCommand(flags *clientFlags) *cobra.Command {
 	var reg events.RegisterImage
 	register := &cobra.Command{
 		Use: "register NAME", Short: "Register an image", Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := flags.connect()
-			if err != nil {
-				return err
-			}
-			defer c.close()
+		RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
 			reg.Name, reg.CommandID = args[0], c.newCommandID()
 			reply, err := c.command(cmd.Context(), events.KindImage, events.VerbRegister, &reg)
 			if err != nil {
 				return err
 			}
 			return printReply(cmd.OutOrStdout(), flags.output, reply)
-		},
+		}),
 	}
 	register.Flags().StringVar(&reg.Format, "format", "qcow2", "disk format: qcow2 or raw")
 	register.Flags().Int64Var(&reg.SizeBytes, "size", 0, "virtual size in bytes")
@@ -35,12 +30,7 @@ func newImageCommand(flags *clientFlags) *cobra.Command {
 
 	list := &cobra.Command{
 		Use: "list", Short: "List images", Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := flags.connect()
-			if err != nil {
-				return err
-			}
-			defer c.close()
+		RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
 			reply, err := c.query(cmd.Context(), events.KindImage, events.VerbList, events.Query{})
 			if err != nil {
 				return err
@@ -53,7 +43,7 @@ func newImageCommand(flags *clientFlags) *cobra.Command {
 				rows = append(rows, []string{im.Name, im.Format, strconv.FormatInt(im.SizeBytes, 10), orDash(im.Source)})
 			}
 			return table(cmd.OutOrStdout(), []string{"IMAGE", "FORMAT", "SIZE", "SOURCE"}, rows)
-		},
+		}),
 	}
 	cmd.AddCommand(register, list)
 	return cmd

@@ -21,19 +21,14 @@ func newVMCommand(flags *clientFlags) *cobra.Command {
 	var create events.CreateVM
 	createCmd := &cobra.Command{
 		Use: "create NAME --image IMAGE --cpu N --mem MIB", Short: "Create a VM and place it on a host with room", Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := flags.connect()
-			if err != nil {
-				return err
-			}
-			defer c.close()
+		RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
 			create.Name, create.CommandID = args[0], c.newCommandID()
 			reply, err := c.command(cmd.Context(), events.KindVM, events.VerbCreate, &create)
 			if err != nil {
 				return err
 			}
 			return finish(cmd, c, reply, create.Name, wait)
-		},
+		}),
 	}
 	createCmd.Flags().StringVar(&create.Image, "image", "", "image to create the VM from")
 	createCmd.Flags().IntVar(&create.CPU, "cpu", 1, "vCPUs")
@@ -45,19 +40,14 @@ func newVMCommand(flags *clientFlags) *cobra.Command {
 		var wait time.Duration
 		c := &cobra.Command{
 			Use: verb + " NAME", Short: short, Args: cobra.ExactArgs(1),
-			RunE: func(cmd *cobra.Command, args []string) error {
-				c, err := flags.connect()
-				if err != nil {
-					return err
-				}
-				defer c.close()
+			RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
 				body := events.VMCommand{CommandMeta: events.CommandMeta{CommandID: c.newCommandID()}, Name: args[0]}
 				reply, err := c.command(cmd.Context(), events.KindVM, verb, &body)
 				if err != nil {
 					return err
 				}
 				return finish(cmd, c, reply, args[0], wait)
-			},
+			}),
 		}
 		c.Flags().DurationVar(&wait, "wait", 0, "wait up to this long for the VM to converge (e.g. --wait 30s)")
 		return c
@@ -67,12 +57,7 @@ func newVMCommand(flags *clientFlags) *cobra.Command {
 	var all bool
 	list := &cobra.Command{
 		Use: "list", Short: "List VMs", Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := flags.connect()
-			if err != nil {
-				return err
-			}
-			defer c.close()
+		RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
 			reply, err := c.query(cmd.Context(), events.KindVM, events.VerbList, events.Query{Host: host, IncludeGone: all})
 			if err != nil {
 				return err
@@ -86,19 +71,14 @@ func newVMCommand(flags *clientFlags) *cobra.Command {
 					strconv.FormatBool(vm.Converged), strconv.Itoa(vm.CPU), strconv.Itoa(vm.MemoryMiB), vm.Image})
 			}
 			return table(cmd.OutOrStdout(), []string{"VM", "HOST", "GOAL", "OBSERVED", "CONVERGED", "CPU", "MEM", "IMAGE"}, rows)
-		},
+		}),
 	}
 	list.Flags().StringVar(&host, "host", "", "only VMs on this host")
 	list.Flags().BoolVar(&all, "all", false, "include deleted VMs")
 
 	get := &cobra.Command{
 		Use: "get NAME", Short: "Show a VM: its goal, what its host observed, and whether they agree", Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := flags.connect()
-			if err != nil {
-				return err
-			}
-			defer c.close()
+		RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
 			reply, err := c.query(cmd.Context(), events.KindVM, events.VerbGet, events.Query{Name: args[0]})
 			if err != nil {
 				return err
@@ -107,7 +87,7 @@ func newVMCommand(flags *clientFlags) *cobra.Command {
 				return events.Errorf(events.CodeVMNotFound, "no VM %q", args[0])
 			}
 			return printVM(cmd.OutOrStdout(), flags.output, &reply.VMs[0])
-		},
+		}),
 	}
 	cmd.AddCommand(createCmd,
 		lifecycle(events.VerbStart, "Start a VM"), lifecycle(events.VerbStop, "Stop a VM (ACPI shutdown, then power off after a grace period)"),
