@@ -233,20 +233,30 @@ func or(a, b string) string {
 	return b
 }
 
-// vm asks the VM read model, reflecting at least minSeq.
-func (f *fleet) vm(name string, minSeq uint64) (events.VMView, error) {
+// query asks a read model: the get verb of kind, reflecting at least
+// q.MinSeq.
+func (f *fleet) query(kind events.Kind, q events.Query) (events.QueryReply, error) {
 	f.t.Helper()
-	data, _ := events.Marshal(events.Query{Name: name, MinSeq: minSeq, IncludeGone: true})
-	resp, err := f.conn.Conn.Request(events.QuerySubject(events.KindVM, events.VerbGet), data, 10*time.Second)
+	data, _ := events.Marshal(q)
+	resp, err := f.conn.Conn.Request(events.QuerySubject(kind, events.VerbGet), data, 10*time.Second)
 	if err != nil {
-		return events.VMView{}, err
+		return events.QueryReply{}, err
 	}
 	var reply events.QueryReply
 	if err := events.Unmarshal(resp.Data, &reply); err != nil {
-		return events.VMView{}, err
+		return events.QueryReply{}, err
 	}
 	if reply.Error != nil {
-		return events.VMView{}, reply.Error
+		return events.QueryReply{}, reply.Error
+	}
+	return reply, nil
+}
+
+// vm asks the VM read model, reflecting at least minSeq.
+func (f *fleet) vm(name string, minSeq uint64) (events.VMView, error) {
+	reply, err := f.query(events.KindVM, events.Query{Name: name, MinSeq: minSeq, IncludeGone: true})
+	if err != nil {
+		return events.VMView{}, err
 	}
 	if len(reply.VMs) != 1 {
 		return events.VMView{}, fmt.Errorf("get %s: %d VMs", name, len(reply.VMs))
@@ -256,18 +266,9 @@ func (f *fleet) vm(name string, minSeq uint64) (events.VMView, error) {
 
 // host asks the host read model.
 func (f *fleet) host(name string) (events.HostView, error) {
-	f.t.Helper()
-	data, _ := events.Marshal(events.Query{Name: name})
-	resp, err := f.conn.Conn.Request(events.QuerySubject(events.KindHost, events.VerbGet), data, 10*time.Second)
+	reply, err := f.query(events.KindHost, events.Query{Name: name})
 	if err != nil {
 		return events.HostView{}, err
-	}
-	var reply events.QueryReply
-	if err := events.Unmarshal(resp.Data, &reply); err != nil {
-		return events.HostView{}, err
-	}
-	if reply.Error != nil {
-		return events.HostView{}, reply.Error
 	}
 	if len(reply.Hosts) != 1 {
 		return events.HostView{}, fmt.Errorf("get %s: %d hosts", name, len(reply.Hosts))
