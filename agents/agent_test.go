@@ -422,53 +422,46 @@ func TestAgent_LivenessChain(t *testing.T) {
 		}
 	}
 
-	// A foreign write (say, a lost marker) breaks the chain: the agent's next
-	// renewal is rejected, it re-reads and renews on top of what it found.
-	msg := &nats.Msg{Subject: events.LivenessSubject("h1"), Data: []byte("lost"), Header: nats.Header{}}
-	msg.Header.Set(events.HeaderType, "host.lost")
-	ack, err := s.bus.JS.PublishMsg(ctx, msg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, 5*time.Second, func() error {
-		if metricValue(t, a.Agent, "loom_agent_liveness_renewals_total", map[string]string{"result": "rejected"}) < 1 {
-			return errors.New("no rejected renewal yet")
-		}
-		m, r, err := lastLiveness(t, s.bus.Conn, "h1")
+	// foreignWrite writes on the agent's liveness subject; rejoined waits
+	// until the agent counted a renewal of result and renewed past seq.
+	foreignWrite := func(typ string, data []byte) uint64 {
+		msg := &nats.Msg{Subject: events.LivenessSubject("h1"), Data: data, Header: nats.Header{}}
+		msg.Header.Set(events.HeaderType, typ)
+		ack, err := s.bus.JS.PublishMsg(ctx, msg)
 		if err != nil {
-			return err
+			t.Fatal(err)
 		}
-		if m.Seq <= ack.Sequence || r.Agent != a.id {
-			return fmt.Errorf("last liveness message seq %d (foreign write at %d)", m.Seq, ack.Sequence)
-		}
-		return nil
-	})
+		return ack.Sequence
+	}
+	rejoined := func(result string, seq uint64) {
+		t.Helper()
+		waitFor(t, 5*time.Second, func() error {
+			if metricValue(t, a.Agent, "loom_agent_liveness_renewals_total", map[string]string{"result": result}) < 1 {
+				return fmt.Errorf("no %s renewal yet", result)
+			}
+			m, r, err := lastLiveness(t, s.bus.Conn, "h1")
+			if err != nil {
+				return err
+			}
+			if m.Seq <= seq || r.Agent != a.id {
+				return fmt.Errorf("last liveness message seq %d (foreign write at %d)", m.Seq, seq)
+			}
+			return nil
+		})
+	}
+
+	// A foreign write breaks the chain: the agent's next renewal is
+	// rejected, it re-reads and renews on top of what it found.
+	foreign := foreignWrite("host.lost", []byte("lost"))
+	rejoined("rejected", foreign)
 
 	// A lost marker (the failure detector's) is told apart: the agent
 	// learns it was declared lost, counts it, and rejoins on top of it.
-	data, err := events.Marshal(&events.LostMarker{Host: "h1", RenewalSeq: ack.Sequence, Detector: "test"})
+	data, err := events.Marshal(&events.LostMarker{Host: "h1", RenewalSeq: foreign, Detector: "test"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	marker := &nats.Msg{Subject: events.LivenessSubject("h1"), Data: data, Header: nats.Header{}}
-	marker.Header.Set(events.HeaderType, events.LivenessLostMarker)
-	markerAck, err := s.bus.JS.PublishMsg(ctx, marker)
-	if err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, 5*time.Second, func() error {
-		if metricValue(t, a.Agent, "loom_agent_liveness_renewals_total", map[string]string{"result": "lost"}) < 1 {
-			return errors.New("the agent has not noticed the lost marker")
-		}
-		m, r, err := lastLiveness(t, s.bus.Conn, "h1")
-		if err != nil {
-			return err
-		}
-		if m.Seq <= markerAck.Sequence || r.Agent != a.id {
-			return fmt.Errorf("no renewal after the marker at %d yet", markerAck.Sequence)
-		}
-		return nil
-	})
+	rejoined("lost", foreignWrite(events.LivenessLostMarker, data))
 
 	// A restarted agent continues the chain from what stands.
 	a.stop(t)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -88,18 +87,24 @@ func passes(t *testing.T, n int64, rs ...*replica) {
 // renew publishes h1's renewal expecting the liveness subject at prev.
 func renew(t *testing.T, b *bustest.Bus, prev uint64) uint64 {
 	t.Helper()
-	data, err := events.Marshal(&events.Renewal{Host: "h1", TTLMillis: testTTL.Milliseconds(), Agent: "test"})
+	return publishLiveness(t, b, prev, events.LivenessRenewal, &events.Renewal{Host: "h1", TTLMillis: testTTL.Milliseconds(), Agent: "test"})
+}
+
+// publishLiveness publishes a liveness message of type typ on h1's subject,
+// expecting it at prev.
+func publishLiveness(t *testing.T, b *bustest.Bus, prev uint64, typ string, payload any) uint64 {
+	t.Helper()
+	data, err := events.Marshal(payload)
 	if err != nil {
 		t.Fatal(err)
 	}
 	msg := &nats.Msg{Subject: events.LivenessSubject("h1"), Data: data, Header: nats.Header{}}
-	msg.Header.Set(events.HeaderType, events.LivenessRenewal)
-	msg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(prev, 10))
-	ack, err := b.JS.PublishMsg(context.Background(), msg)
+	msg.Header.Set(events.HeaderType, typ)
+	a, err := bus.PublishExpecting(context.Background(), b.JS, msg, bus.Expect{Seq: prev})
 	if err != nil {
-		t.Fatalf("renew: %v", err)
+		t.Fatalf("publish %s: %v", typ, err)
 	}
-	return ack.Sequence
+	return a.Seq
 }
 
 // standing is what stands on h1's liveness subject.
@@ -251,21 +256,11 @@ func TestDetector_TwoReplicasOneDecision(t *testing.T) {
 func TestDetector_FinishesCutShortThenRejoin(t *testing.T) {
 	b, _, rs := detectorFixture(t, 1)
 	renewal := renew(t, b, 0)
-	data, err := events.Marshal(&events.LostMarker{Host: "h1", RenewalSeq: renewal, Detector: "crashed"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	msg := &nats.Msg{Subject: events.LivenessSubject("h1"), Data: data, Header: nats.Header{}}
-	msg.Header.Set(events.HeaderType, events.LivenessLostMarker)
-	msg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(renewal, 10))
-	ack, err := b.JS.PublishMsg(context.Background(), msg)
-	if err != nil {
-		t.Fatal(err)
-	}
+	markerSeq := publishLiveness(t, b, renewal, events.LivenessLostMarker, &events.LostMarker{Host: "h1", RenewalSeq: renewal, Detector: "crashed"})
 
 	runDetector(t, rs[0])
 	lost := waitEvents(t, b, events.TypeHostLost, 1)
-	if want := (events.HostLost{MarkerSeq: ack.Sequence, RenewalSeq: renewal}); lost[0] != want {
+	if want := (events.HostLost{MarkerSeq: markerSeq, RenewalSeq: renewal}); lost[0] != want {
 		t.Fatalf("host.lost = %#v, want %#v", lost[0], want)
 	}
 	waitFor(t, 5*time.Second, func() error {
@@ -275,7 +270,7 @@ func TestDetector_FinishesCutShortThenRejoin(t *testing.T) {
 		return nil
 	})
 
-	epoch := renew(t, b, ack.Sequence)
+	epoch := renew(t, b, markerSeq)
 	rejoined := waitEvents(t, b, events.TypeHostRejoined, 1)
 	if want := (events.HostRejoined{RenewalSeq: epoch}); rejoined[0] != want {
 		t.Fatalf("host.rejoined = %#v, want %#v", rejoined[0], want)
