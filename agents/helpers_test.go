@@ -19,30 +19,14 @@ import (
 	"github.com/loomctl/loom/events"
 	"github.com/loomctl/loom/events/bus"
 	"github.com/loomctl/loom/events/bus/bustest"
+	"github.com/loomctl/loom/internal/eventually"
 )
 
 // The libvirt adapter is a Hypervisor.
 var _ Hypervisor = (*libvirt.Client)(nil)
 
-// waitFor polls f until it returns nil, failing the test after timeout.
-func waitFor(t testing.TB, timeout time.Duration, f func() error) {
-	t.Helper()
-	deadline := time.NewTimer(timeout)
-	defer deadline.Stop()
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		select {
-		case <-deadline.C:
-			t.Fatalf("after %s: %v", timeout, err)
-		case <-tick.C:
-		}
-	}
-}
+// waitFor polls cond until it returns nil, failing the test after timeout.
+var waitFor = eventually.Wait
 
 // testLogger logs to the test's output.
 func testLogger(t testing.TB) *slog.Logger {

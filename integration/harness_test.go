@@ -21,6 +21,7 @@ import (
 	"github.com/loomctl/loom/agents/libvirt/libvirttest"
 	"github.com/loomctl/loom/cmd/loom/plane"
 	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/internal/eventually"
 )
 
 // fleet is Loom on one machine, for a test: NATS, the control plane, and
@@ -306,19 +307,7 @@ func (f *fleet) domainState(hostName, vm string) string {
 	return d.State.String()
 }
 
-func waitFor(t testing.TB, timeout time.Duration, what string, cond func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: still not true after %s: %v", what, timeout, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
+// waitFor polls cond until it returns nil, failing the test after timeout.
+var waitFor = eventually.WaitFor
 
 func pebbleDir(f *fleet) string { return filepath.Join(f.dir, "projections") }

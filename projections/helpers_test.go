@@ -13,23 +13,11 @@ import (
 
 	"github.com/loomctl/loom/events"
 	"github.com/loomctl/loom/events/bus/bustest"
+	"github.com/loomctl/loom/internal/eventually"
 )
 
 // waitFor polls cond until it returns nil, failing the test after timeout.
-func waitFor(t testing.TB, timeout time.Duration, cond func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("still not true after %s: %v", timeout, err)
-		}
-		time.Sleep(5 * time.Millisecond) // polling interval, not a wait for an outcome
-	}
-}
+var waitFor = eventually.Wait
 
 // openStore opens a store in dir, closed when the test ends.
 func openStore(t testing.TB, dir string, opts Options) *Store {

@@ -19,6 +19,7 @@ import (
 
 	"github.com/loomctl/loom/agents/libvirt"
 	"github.com/loomctl/loom/agents/libvirt/libvirttest"
+	"github.com/loomctl/loom/internal/eventually"
 )
 
 // daemonIndex hands each test its own host index (host UUID, ports).
@@ -44,25 +45,8 @@ func startClient(t *testing.T, cfg libvirt.Config) (*libvirt.Client, string) {
 	return c, socket
 }
 
-// waitFor polls f until it returns nil or timeout passes.
-func waitFor(t testing.TB, timeout time.Duration, f func() error) {
-	t.Helper()
-	deadline := time.NewTimer(timeout)
-	defer deadline.Stop()
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		select {
-		case <-deadline.C:
-			t.Fatalf("after %s: %v", timeout, err)
-		case <-tick.C:
-		}
-	}
-}
+// waitFor polls cond until it returns nil, failing the test after timeout.
+var waitFor = eventually.Wait
 
 // waitState waits until the named domain is in state want.
 func waitState(t testing.TB, c *libvirt.Client, name string, want libvirt.State) libvirt.Domain {

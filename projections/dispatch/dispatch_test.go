@@ -11,6 +11,7 @@ import (
 	"github.com/loomctl/loom/events"
 	"github.com/loomctl/loom/events/bus"
 	"github.com/loomctl/loom/events/bus/bustest"
+	"github.com/loomctl/loom/internal/eventually"
 	"github.com/loomctl/loom/projections/dispatch"
 )
 
@@ -106,17 +107,7 @@ func goalOn(t *testing.T, b *bustest.Bus, host, vm string) (events.Goal, bool) {
 
 func waitFor(t *testing.T, what string, cond func() error) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: %v", what, err)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	eventually.WaitFor(t, 10*time.Second, what, cond)
 }
 
 func start(t *testing.T, b *bustest.Bus, r dispatch.Reader) *dispatch.Dispatcher {
