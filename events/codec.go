@@ -35,6 +35,7 @@ func Marshal(v any) ([]byte, error) {
 func init() {
 	registerSortedMap[Allocation]()
 	registerSortedMap[HostOrphanFound]()
+	registerSortedMap[LeaseGrant]()
 }
 
 // sortedMaps lists the map types registerSortedMap has taken care of.

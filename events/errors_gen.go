@@ -46,10 +46,20 @@ const (
 	CodeDomainMismatch Code = 5003
 	// The host's fencing deadline passed (no renewal acknowledged within TTL minus the agent's margin): the agent starts and resumes no domain until a renewal is acknowledged again.
 	CodeFenced Code = 5004
+	// The agent refused to define, start or resume a domain: a lease grant its goal names is no longer current (a later event on the resource revoked it), read through the stream leader.
+	CodeLeaseNotCurrent Code = 5005
 	// A message on the stream is not a valid Loom event; readers flag it and go on.
 	CodeCorruptEvent Code = 6001
 	// An event's type or version is unknown to this build; upgrade the reader.
 	CodeUnknownEvent Code = 6002
+	// The lease's resource does not exist: no image is registered under that name, or no VM ever took that disk.
+	CodeResourceNotFound Code = 7001
+	// The resource is held in a mode that excludes the one asked for (an exclusive grant excludes every other, shared grants exclude an exclusive one); the message names the holders and their epochs.
+	CodeLeaseHeld Code = 7002
+	// That holder holds no grant on the resource, or not under the epoch named: only the holder's standing grant can be released or broken.
+	CodeLeaseNotFound Code = 7003
+	// The grant's holder may still write (its host is alive): break it with force, which marks it breaking and waits until the holder stopped or its host was declared lost.
+	CodeLeaseLive Code = 7004
 )
 
 // catalog maps each code to its name and description.
@@ -75,6 +85,11 @@ var catalog = map[Code]codeInfo{
 	CodeLibvirtUnavailable: {"libvirt_unavailable", "The host's libvirtd cannot be reached; the agent keeps retrying."},
 	CodeDomainMismatch:     {"domain_mismatch", "A domain of the VM's name exists on the host with another UUID (another incarnation); the agent will not touch it."},
 	CodeFenced:             {"fenced", "The host's fencing deadline passed (no renewal acknowledged within TTL minus the agent's margin): the agent starts and resumes no domain until a renewal is acknowledged again."},
+	CodeLeaseNotCurrent:    {"lease_not_current", "The agent refused to define, start or resume a domain: a lease grant its goal names is no longer current (a later event on the resource revoked it), read through the stream leader."},
 	CodeCorruptEvent:       {"corrupt_event", "A message on the stream is not a valid Loom event; readers flag it and go on."},
 	CodeUnknownEvent:       {"unknown_event", "An event's type or version is unknown to this build; upgrade the reader."},
+	CodeResourceNotFound:   {"resource_not_found", "The lease's resource does not exist: no image is registered under that name, or no VM ever took that disk."},
+	CodeLeaseHeld:          {"lease_held", "The resource is held in a mode that excludes the one asked for (an exclusive grant excludes every other, shared grants exclude an exclusive one); the message names the holders and their epochs."},
+	CodeLeaseNotFound:      {"lease_not_found", "That holder holds no grant on the resource, or not under the epoch named: only the holder's standing grant can be released or broken."},
+	CodeLeaseLive:          {"lease_live", "The grant's holder may still write (its host is alive): break it with force, which marks it breaking and waits until the holder stopped or its host was declared lost."},
 }

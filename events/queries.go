@@ -15,6 +15,10 @@ type Query struct {
 	// MinSeq is the stream sequence the answer must reflect: the read
 	// model waits until it has applied it (read-your-writes).
 	MinSeq uint64 `msgpack:"min_seq,omitempty" json:"min_seq,omitempty"`
+	// Resource and Holder filter lease lists; Host filters them by the
+	// holder's host.
+	Resource string `msgpack:"resource,omitempty" json:"resource,omitempty"`
+	Holder   string `msgpack:"holder,omitempty" json:"holder,omitempty"`
 	// IncludeGone lists deleted VMs too.
 	IncludeGone bool `msgpack:"include_gone,omitempty" json:"include_gone,omitempty"`
 }
@@ -42,5 +46,6 @@ type QueryReply struct {
 	VMs    []VMView     `msgpack:"vms,omitempty" json:"vms,omitempty"`
 	Hosts  []HostView   `msgpack:"hosts,omitempty" json:"hosts,omitempty"`
 	Images []ImageState `msgpack:"images,omitempty" json:"images,omitempty"`
+	Leases []LeaseGrant `msgpack:"leases,omitempty" json:"leases,omitempty"`
 	Error  *Fault       `msgpack:"error,omitempty" json:"error,omitempty"`
 }

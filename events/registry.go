@@ -53,6 +53,11 @@ var registry = map[Type]typeInfo{
 	TypeVMProgress:        current[VMProgress](),
 	TypeHostOrphanFound:   current[HostOrphanFound](),
 	TypeHostOrphanCleared: current[HostOrphanCleared](),
+	TypeLeaseGranted:      current[LeaseGranted](),
+	TypeLeaseReleased:     current[LeaseReleased](),
+	TypeLeaseExpired:      current[LeaseExpired](),
+	TypeLeaseBreaking:     current[LeaseBreaking](),
+	TypeLeaseBroken:       current[LeaseBroken](),
 }
 
 // Types lists every registered event type with its newest version.

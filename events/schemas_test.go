@@ -37,6 +37,11 @@ var samples = map[Type]Event{
 	TypeVMProgress:        VMProgress{UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Incarnation: 42, Step: "define", Done: 1, Total: 3},
 	TypeHostOrphanFound:   HostOrphanFound{Domain: "stray", UUID: "11111111-2222-4333-8444-555555555555", State: ObservedRunning},
 	TypeHostOrphanCleared: HostOrphanCleared{Domain: "stray"},
+	TypeLeaseGranted:      LeaseGranted{Mode: LeaseShared, LeaseHolder: LeaseHolder{ID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", VM: "web-1", Host: "h1"}},
+	TypeLeaseReleased:     LeaseReleased{Holder: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Epoch: 42, Reason: "stopped"},
+	TypeLeaseExpired:      LeaseExpired{Holder: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Epoch: 42, Host: "h1", HostLostSeq: 4813},
+	TypeLeaseBreaking:     LeaseBreaking{Holder: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Epoch: 42, Reason: "disk needed elsewhere"},
+	TypeLeaseBroken:       LeaseBroken{Holder: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Epoch: 42, Reason: "host lost"},
 }
 
 // commandSamples has one value of every command body, by subject.
@@ -46,6 +51,9 @@ var commandSamples = map[string]any{
 	CommandSubject(KindImage, VerbRegister): RegisterImage{CommandMeta: CommandMeta{CommandID: "c3"}, Name: "demo", Format: "qcow2", SizeBytes: 1 << 30},
 	CommandSubject(KindVM, VerbCreate):      CreateVM{CommandMeta: CommandMeta{CommandID: "c4"}, Name: "web-1", Image: "demo", CPU: 1, MemoryMiB: 256},
 	CommandSubject(KindVM, "lifecycle"):     VMCommand{CommandMeta: CommandMeta{CommandID: "c5"}, Name: "web-1"},
+	CommandSubject(KindLease, VerbAcquire):  AcquireLease{CommandMeta: CommandMeta{CommandID: "c6"}, Resource: "disk/web-1", Mode: LeaseExclusive, LeaseHolder: LeaseHolder{ID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", VM: "web-1", Host: "h1"}},
+	CommandSubject(KindLease, VerbRelease):  ReleaseLease{CommandMeta: CommandMeta{CommandID: "c7"}, Resource: "disk/web-1", Holder: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Epoch: 42},
+	CommandSubject(KindLease, VerbBreak):    BreakLease{CommandMeta: CommandMeta{CommandID: "c8"}, Resource: "disk/web-1", Holder: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Force: true, Reason: "disk needed elsewhere"},
 	"loom.q.query":                          Query{Name: "web-1", MinSeq: 42},
 	"loom.reply.command":                    Reply{Events: []Appended{{Seq: 42, Subject: "loom.evt.vm.web-1", Type: TypeVMCreated, ID: "01J0000000000000000000000"}}},
 	"loom.goal":                             Goal{VM: "web-1", UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Host: "h1", Desired: DesiredRunning, Incarnation: 42, Spec: DomainSpec{Image: "demo", CPU: 1, MemoryMiB: 256}},

@@ -84,13 +84,18 @@ type Address struct {
 	Host     string
 	Kind     Kind
 	ID       string
+	// Holder is the holder of a shared lease subject,
+	// loom.evt.lease.<kind>.<name>.s.<holder>; ID is then "<kind>/<name>".
+	Holder string
 }
 
-// ParseEventSubject parses loom.evt.<kind>.<id> and
-// loom.obs.<host>.<kind>.<id>.
+// ParseEventSubject parses loom.evt.<kind>.<id>, the lease subjects
+// (lease.go) and loom.obs.<host>.<kind>.<id>.
 func ParseEventSubject(subject string) (Address, error) {
 	tokens := strings.Split(subject, ".")
 	switch {
+	case len(tokens) >= 6 && tokens[0] == "loom" && tokens[1] == "evt" && tokens[2] == string(KindLease):
+		return parseLeaseSubject(subject, tokens[3:])
 	case len(tokens) == 4 && tokens[0] == "loom" && tokens[1] == "evt":
 		return checkAddress(subject, Address{Kind: Kind(tokens[2]), ID: tokens[3]})
 	case len(tokens) == 5 && tokens[0] == "loom" && tokens[1] == "obs":
