@@ -70,13 +70,17 @@ type batch struct {
 	vmHosts map[string]string
 	// hostEntries are the host map entries the batch changed.
 	hostEntries map[hostEntry]struct{}
+	// leaseBefore is the grant of every lease slot the batch touched, as
+	// it stood before the batch (Epoch zero: none).
+	leaseBefore map[leaseEntry]events.LeaseGrant
 	// applied counts the events folded.
 	applied int
 }
 
 func newBatch(s *Store, r *runner) *batch {
 	return &batch{s: s, r: r, heads: map[string]events.Head{},
-		vmHosts: map[string]string{}, hostEntries: map[hostEntry]struct{}{}}
+		vmHosts: map[string]string{}, hostEntries: map[hostEntry]struct{}{},
+		leaseBefore: map[leaseEntry]events.LeaseGrant{}}
 }
 
 // reset empties the batch for the events after last. The runner reuses
@@ -86,6 +90,7 @@ func (b *batch) reset(last uint64) {
 	clear(b.heads)
 	clear(b.vmHosts)
 	clear(b.hostEntries)
+	clear(b.leaseBefore)
 	b.results, b.flagged = b.results[:0], b.flagged[:0]
 }
 
@@ -144,6 +149,8 @@ func (b *batch) fold(rec *events.Record, addr events.Address) error {
 		return b.foldImage(rec)
 	case events.KindVM:
 		return b.foldVM(rec)
+	case events.KindLease:
+		return b.foldLease(rec, addr)
 	}
 	return nil // a kind these read models do not fold; its head and command result are kept
 }
@@ -210,6 +217,12 @@ func (b *batch) commit() (changedVMs []string, err error) {
 	if err := b.r.images.write(pb, enc, nil); err != nil {
 		return nil, err
 	}
+	if err := b.writeLeaseEntries(pb, enc); err != nil {
+		return nil, err
+	}
+	if err := b.r.leases.write(pb, enc, nil); err != nil {
+		return nil, err
+	}
 	var moved []vmMove
 	err = b.r.vms.write(pb, enc, func(name string, r *row[events.VMState]) error {
 		changedVMs = append(changedVMs, name)
@@ -235,6 +248,7 @@ func (b *batch) committed() {
 	b.r.hosts.committed()
 	b.r.images.committed()
 	b.r.vms.committed()
+	b.r.leases.committed()
 }
 
 // abandon forgets the rows the batch changed in memory.
@@ -242,4 +256,5 @@ func (b *batch) abandon() {
 	b.r.hosts.abandon()
 	b.r.images.abandon()
 	b.r.vms.abandon()
+	b.r.leases.abandon()
 }

@@ -52,6 +52,8 @@ type history struct {
 	queue []message
 	// livenessSeq is the last made-up LOOM_LIVENESS sequence.
 	livenessSeq uint64
+	// leases are the grants standing on each resource (history_leases.go).
+	leases map[events.Resource]*genLease
 }
 
 type genHost struct {
@@ -87,7 +89,8 @@ type message struct {
 
 func newHistory(cfg historyConfig, seed uint64, firstSeq uint64) *history {
 	return &history{cfg: cfg, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), seq: firstSeq,
-		prev: map[string][]byte{}, live: map[string]*genVM{}, at: map[string]int{}}
+		prev: map[string][]byte{}, live: map[string]*genVM{}, at: map[string]int{},
+		leases: map[events.Resource]*genLease{}}
 }
 
 // next is the history's next message.
@@ -133,6 +136,8 @@ func (h *history) act() {
 		h.cordon()
 	case n < 80:
 		h.liveness()
+	case n < 88:
+		h.lease()
 	default:
 		h.report()
 	}
@@ -335,7 +340,7 @@ func (h *history) anomaly() {
 	case 0: // corrupt bytes on a decision subject
 		h.emitRaw(message{subject: events.EventSubject(events.KindVM, "vm-corrupt"), data: []byte{0xc1, 0x00, byte(h.rng.IntN(256))}})
 	case 1: // a type this build does not know, on a kind it does not fold
-		h.emitUnknown(events.EventSubject("lease", "image-0"), "lease.granted", 1)
+		h.emitUnknown(events.EventSubject("disk", "d-0"), "disk.attached", 1)
 	case 2: // a newer version of a known type
 		h.emitUnknown(events.EventSubject(events.KindVM, "vm-future"), events.TypeVMCreated, 9)
 	case 3: // an agent reporting on another host

@@ -19,6 +19,7 @@ import (
 //	v1/image/<name>                    head and events.ImageState (msgpack rowValue)
 //	v1/vm/<name>                       head and events.VMState (msgpack rowValue)
 //	v1/vmhost/<part host><vm>          empty: the VM's Host is host (an index for VMFilter.Host)
+//	v1/lease/…, v1/lease-…             the leases read model (leases.go)
 //	v1/cmd/<part actor><part id><seq>  events.Appended of one event of a command (msgpack)
 //	v1/flagged/<seq>                   Flagged: a message that could not be applied (msgpack)
 //
@@ -51,6 +52,15 @@ func nameKey(prefix []byte, name string) []byte {
 // appendPart appends s preceded by its length.
 func appendPart(key []byte, s string) []byte {
 	return append(binary.AppendUvarint(key, uint64(len(s))), s...)
+}
+
+// readPart reads a part appendPart wrote, and what follows it.
+func readPart(key []byte) (part string, rest []byte, err error) {
+	n, size := binary.Uvarint(key)
+	if size <= 0 || uint64(len(key)-size) < n {
+		return "", nil, errors.New("truncated key part")
+	}
+	return string(key[size : size+int(n)]), key[size+int(n):], nil
 }
 
 func appendSeq(key []byte, seq uint64) []byte { return binary.BigEndian.AppendUint64(key, seq) }

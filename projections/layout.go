@@ -31,6 +31,7 @@ func rowLayout() string {
 		reflect.TypeFor[rowValue[events.HostState]](), reflect.TypeFor[events.Allocation](),
 		reflect.TypeFor[events.HostOrphanFound](), reflect.TypeFor[rowValue[events.ImageState]](),
 		reflect.TypeFor[rowValue[events.VMState]](),
+		reflect.TypeFor[rowValue[events.LeaseState]](), reflect.TypeFor[events.LeaseGrant](),
 		reflect.TypeFor[events.Appended](), reflect.TypeFor[Flagged](),
 	} {
 		describeType(&b, t, 0)

@@ -40,6 +40,7 @@ type runner struct {
 	hosts  *table[events.HostState]
 	images *table[events.ImageState]
 	vms    *table[events.VMState]
+	leases *table[events.LeaseState]
 	enc    *encoder
 	// batch is reused from one batch to the next.
 	batch *batch
@@ -53,6 +54,7 @@ func newRunner(s *Store) *runner {
 		hosts:   newHostTable(limit),
 		images:  newTable(prefixImage, limit, blankImage, isBlankImage),
 		vms:     newTable(prefixVM, limit, blankVM, isBlankVM),
+		leases:  newLeaseTable(limit),
 		enc:     newEncoder(),
 		flagLog: limiter{every: logEvery},
 	}

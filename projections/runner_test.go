@@ -64,8 +64,8 @@ func TestRun_FlagsCorruptAndUnknownAndGoesOn(t *testing.T) {
 	before := dump(t, s)
 
 	corrupt := p.raw(vm, []byte{0xde, 0xad, 0xbe, 0xef})
-	unknown := p.raw(events.EventSubject("lease", "l1"), mustMarshal(t, &events.Envelope{ID: "x", Type: "lease.granted",
-		Version: 1, Kind: "lease", AggregateID: "l1", Payload: []byte{0x80}}))
+	unknown := p.raw(events.EventSubject("disk", "d1"), mustMarshal(t, &events.Envelope{ID: "x", Type: "disk.attached",
+		Version: 1, Kind: "disk", AggregateID: "d1", Payload: []byte{0x80}}))
 	catchUp(t, s, unknown)
 
 	flagged, err := s.FlaggedEvents(ctx)
@@ -90,7 +90,7 @@ func TestRun_FlagsCorruptAndUnknownAndGoesOn(t *testing.T) {
 	// state is checked above) and the applied sequence moved.
 	got := changedKeys(before, dump(t, s))
 	want := []string{string(keyApplied), string(flaggedKey(corrupt)), string(flaggedKey(unknown)),
-		string(nameKey(prefixHead, events.EventSubject("lease", "l1"))), string(nameKey(prefixVM, "web"))}
+		string(nameKey(prefixHead, events.EventSubject("disk", "d1"))), string(nameKey(prefixVM, "web"))}
 	if !slices.Equal(got, want) {
 		t.Fatalf("changed keys = %q, want %q", got, want)
 	}

@@ -194,6 +194,38 @@ func (r *scriptRunner) do(c *scriptCase) string {
 				image.Format, image.SizeBytes, image.RegisteredBy))
 		}
 		return strings.Join(lines, "\n")
+	case "lease":
+		state, err := r.store.Lease(ctx, arg(1))
+		return r.show(state, events.Head{}, err)
+	case "leases":
+		var filter LeaseFilter
+		for _, a := range args[1:] {
+			key, value, _ := strings.Cut(a, "=")
+			switch key {
+			case "resource":
+				filter.Resource = value
+			case "host":
+				filter.Host = value
+			case "holder":
+				filter.Holder = value
+			default:
+				r.t.Fatalf("line %d: leases: unknown filter %q", c.line, a)
+			}
+		}
+		grants, err := r.store.Leases(ctx, filter)
+		r.check(err)
+		var lines []string
+		for _, g := range grants {
+			line := fmt.Sprintf("%s %s holder=%s vm=%s host=%s epoch=%d by=%s", g.Resource, g.Mode, g.ID, g.VM, g.Host, g.Epoch, g.GrantedBy)
+			if g.Breaking {
+				line += " breaking-by=" + g.BreakingBy
+			}
+			if g.Void {
+				line += " VOID"
+			}
+			lines = append(lines, line)
+		}
+		return strings.Join(lines, "\n")
 	case "command":
 		appended, found, err := r.store.CommandResult(ctx, arg(1), arg(2))
 		r.check(err)
@@ -391,6 +423,9 @@ func newEvent(t testing.TB, typ events.Type) events.Event {
 		events.TypeVMObserved: &events.VMObserved{}, events.TypeVMProgress: &events.VMProgress{},
 		events.TypeHostOrphanFound: &events.HostOrphanFound{}, events.TypeHostOrphanCleared: &events.HostOrphanCleared{},
 		events.TypeHostLost: &events.HostLost{}, events.TypeHostRejoined: &events.HostRejoined{},
+		events.TypeLeaseGranted: &events.LeaseGranted{}, events.TypeLeaseReleased: &events.LeaseReleased{},
+		events.TypeLeaseExpired: &events.LeaseExpired{}, events.TypeLeaseBreaking: &events.LeaseBreaking{},
+		events.TypeLeaseBroken: &events.LeaseBroken{},
 	}
 	if len(known) != len(events.Types()) {
 		t.Fatalf("newEvent knows %d event types, events has %d: add the new ones", len(known), len(events.Types()))
