@@ -17,8 +17,9 @@ import (
 type answerFunc func(v *view, q *events.Query) *events.QueryReply
 
 // AddQueryEndpoints serves the read models on svc: loom.q.vm.get,
-// loom.q.vm.list, loom.q.host.get, loom.q.host.list, loom.q.image.get and
-// loom.q.image.list, in svc's queue group. A request body is an
+// loom.q.vm.list, loom.q.host.get, loom.q.host.list, loom.q.image.get,
+// loom.q.image.list, loom.q.lease.get and loom.q.lease.list, in svc's
+// queue group. A request body is an
 // events.Query in JSON or msgpack (an empty body lists everything); the
 // reply is an events.QueryReply in the request's format. A query with
 // MinSeq waits, off the subscription's goroutine, until the read models
@@ -36,6 +37,8 @@ func (s *Store) AddQueryEndpoints(svc micro.Service) error {
 		{events.KindHost, events.VerbList, answerHosts},
 		{events.KindImage, events.VerbGet, answerImage},
 		{events.KindImage, events.VerbList, answerImages},
+		{events.KindLease, events.VerbGet, answerLease},
+		{events.KindLease, events.VerbList, answerLeases},
 	}
 	for _, ep := range endpoints {
 		subject := events.QuerySubject(ep.kind, ep.verb)
@@ -213,6 +216,38 @@ func answerImages(v *view, _ *events.Query) *events.QueryReply {
 		}
 	}
 	return reply
+}
+
+// answerLease lists the grants standing on one resource (Name); a
+// resource nobody ever held is an error, one held before and free now an
+// empty list.
+func answerLease(v *view, q *events.Query) *events.QueryReply {
+	if _, err := events.ParseResource(q.Name); err != nil {
+		return faulted(v, events.Errorf(events.CodeInvalidArgument, "%v", err))
+	}
+	state, err := v.lease(q.Name)
+	if err != nil {
+		return faulted(v, events.Errorf(events.CodeInternal, "read lease %s: %v", q.Name, err))
+	}
+	if state.Grants == 0 {
+		return faulted(v, events.Errorf(events.CodeLeaseNotFound, "no lease was ever granted on %s", q.Name))
+	}
+	return &events.QueryReply{Seq: v.seq, Leases: standing(&state)}
+}
+
+// answerLeases lists the standing grants, filtered by resource, host and
+// holder.
+func answerLeases(v *view, q *events.Query) *events.QueryReply {
+	if q.Resource != "" {
+		if _, err := events.ParseResource(q.Resource); err != nil {
+			return faulted(v, events.Errorf(events.CodeInvalidArgument, "%v", err))
+		}
+	}
+	grants, err := v.leases(LeaseFilter{Resource: q.Resource, Host: q.Host, Holder: q.Holder})
+	if err != nil {
+		return faulted(v, events.Errorf(events.CodeInternal, "list leases: %v", err))
+	}
+	return &events.QueryReply{Seq: v.seq, Leases: grants}
 }
 
 func faulted(v *view, f *events.Fault) *events.QueryReply {

@@ -130,3 +130,26 @@ func TestLastPerSubject(t *testing.T) {
 		}
 	}
 }
+
+func TestLeaderReads_LastAndNextOnSubject(t *testing.T) {
+	b := bustest.Start(t)
+	ctx := context.Background()
+	seqs := map[string][]uint64{}
+	for _, subject := range []string{"loom.evt.lease.disk.d.x", "loom.evt.lease.disk.d.s.a", "loom.evt.lease.disk.d.x", "loom.evt.vm.v"} {
+		ack, err := b.JS.Publish(ctx, subject, []byte("m"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		seqs[subject] = append(seqs[subject], ack.Sequence)
+	}
+	x := seqs["loom.evt.lease.disk.d.x"]
+	if m, err := bus.NextOnSubject(ctx, b.Conn, events.StreamEvents, "loom.evt.lease.disk.d.x", x[0]+1); err != nil || m.Seq != x[1] {
+		t.Fatalf("next of .x after %d = %d, %v; want %d", x[0], m.Seq, err, x[1])
+	}
+	if _, err := bus.NextOnSubject(ctx, b.Conn, events.StreamEvents, "loom.evt.lease.disk.d.x", x[1]+1); !errors.Is(err, bus.ErrNoMessage) {
+		t.Fatalf("next of .x past its last: %v, want ErrNoMessage", err)
+	}
+	if m, err := bus.LastOnSubject(ctx, b.Conn, events.StreamEvents, "loom.evt.lease.disk.d.>"); err != nil || m.Seq != x[1] {
+		t.Fatalf("last on the wildcard = %d, %v; want %d", m.Seq, err, x[1])
+	}
+}

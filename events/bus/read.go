@@ -29,13 +29,26 @@ type Message struct {
 // subject may be a wildcard filter: the answer is then the last message on
 // any subject it matches, which is what an Expect on that filter checks.
 func LastOnSubject(ctx context.Context, nc *nats.Conn, stream, subject string) (Message, error) {
-	req, err := json.Marshal(map[string]string{"last_by_subj": subject})
+	return leaderGet(ctx, nc, stream, map[string]any{"last_by_subj": subject}, "get last of "+subject)
+}
+
+// NextOnSubject reads, through the stream leader, the first message on
+// subject (or a wildcard filter) at or after sequence from; ErrNoMessage
+// when there is none.
+func NextOnSubject(ctx context.Context, nc *nats.Conn, stream, subject string, from uint64) (Message, error) {
+	return leaderGet(ctx, nc, stream, map[string]any{"seq": from, "next_by_subj": subject},
+		fmt.Sprintf("get next of %s from %d", subject, from))
+}
+
+// leaderGet asks the stream leader for one message.
+func leaderGet(ctx context.Context, nc *nats.Conn, stream string, request map[string]any, what string) (Message, error) {
+	req, err := json.Marshal(request)
 	if err != nil {
 		return Message{}, err
 	}
 	reply, err := nc.RequestWithContext(ctx, "$JS.API.STREAM.MSG.GET."+stream, req)
 	if err != nil {
-		return Message{}, fmt.Errorf("get last of %s: %w", subject, err)
+		return Message{}, fmt.Errorf("%s: %w", what, err)
 	}
 	var resp struct {
 		Error   *jetstream.APIError `json:"error"`
@@ -48,21 +61,21 @@ func LastOnSubject(ctx context.Context, nc *nats.Conn, stream, subject string) (
 		} `json:"message"`
 	}
 	if err := json.Unmarshal(reply.Data, &resp); err != nil {
-		return Message{}, fmt.Errorf("get last of %s: decode reply: %w", subject, err)
+		return Message{}, fmt.Errorf("%s: decode reply: %w", what, err)
 	}
 	if resp.Error != nil {
 		if resp.Error.ErrorCode == jetstream.JSErrCodeMessageNotFound {
 			return Message{}, ErrNoMessage
 		}
-		return Message{}, fmt.Errorf("get last of %s: %w", subject, resp.Error)
+		return Message{}, fmt.Errorf("%s: %w", what, resp.Error)
 	}
 	if resp.Message == nil {
-		return Message{}, fmt.Errorf("get last of %s: empty reply", subject)
+		return Message{}, fmt.Errorf("%s: empty reply", what)
 	}
 	m := Message{Seq: resp.Message.Sequence, Subject: resp.Message.Subject, Data: resp.Message.Data, Time: resp.Message.Time}
 	if len(resp.Message.Header) > 0 {
 		if m.Header, err = nats.DecodeHeadersMsg(resp.Message.Header); err != nil {
-			return Message{}, fmt.Errorf("get last of %s: headers: %w", subject, err)
+			return Message{}, fmt.Errorf("%s: headers: %w", what, err)
 		}
 	}
 	return m, nil
