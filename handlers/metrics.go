@@ -17,6 +17,9 @@ type metrics struct {
 	inflight  prometheus.Gauge
 	scheduled *prometheus.CounterVec
 	hostsLost prometheus.Counter
+	// voidGrants counts shared grants an exclusive grant beat to the
+	// resource: appended, void, and answered lease_held.
+	voidGrants prometheus.Counter
 }
 
 func newMetrics() *metrics {
@@ -43,13 +46,16 @@ func newMetrics() *metrics {
 		hostsLost: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "loom_handlers_hosts_declared_lost_total", Help: "Hosts this replica's failure detector declared lost (host.lost appended).",
 		}),
+		voidGrants: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "loom_handlers_lease_void_grants_total", Help: "Shared grants that landed after an exclusive grant and are void.",
+		}),
 	}
 }
 
 // Collectors are the service's metrics, for cmd to register.
 func (s *Service) Collectors() []prometheus.Collector {
 	m := s.metrics
-	return []prometheus.Collector{m.commands, m.latency, m.conflicts, m.repeats, m.inflight, m.scheduled, m.hostsLost}
+	return []prometheus.Collector{m.commands, m.latency, m.conflicts, m.repeats, m.inflight, m.scheduled, m.hostsLost, m.voidGrants}
 }
 
 func outcome(reply *events.Reply) string {

@@ -23,6 +23,12 @@ type Reader interface {
 	// Image is the named image's state and the head of its subject; the
 	// zero state and zero Head when it was never registered.
 	Image(ctx context.Context, name string) (events.ImageState, events.Head, error)
+	// Lease is a resource's lease state ("image/<name>", "disk/<name>"),
+	// with every shared grant; Grants is zero when none was ever made.
+	Lease(ctx context.Context, resource string) (events.LeaseState, error)
+	// Head is where a loom.evt subject stands, flagged messages included;
+	// the zero Head when it is empty.
+	Head(ctx context.Context, subject string) (events.Head, error)
 	// Hosts lists every host the read model knows.
 	Hosts(ctx context.Context) ([]events.HostState, error)
 	// AllVMs lists every VM the read model knows, gone ones included.

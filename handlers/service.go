@@ -141,6 +141,10 @@ type Service struct {
 	// check protects.
 	markerHook      func(host string)
 	unfencedMarkers bool
+	// narrowExclusiveCheck, set by a test, makes an exclusive grant check
+	// only its own subject instead of the whole resource: the protection
+	// switched off, to show that the test of it fails.
+	narrowExclusiveCheck bool
 	// detectorPasses counts the failure detector's passes, for tests.
 	detectorPasses atomic.Int64
 
@@ -250,6 +254,9 @@ func (s *Service) AddEndpoints(svc micro.Service) error {
 		{events.KindVM, events.VerbPause, s.serveGoal(events.VerbPause)},
 		{events.KindVM, events.VerbResume, s.serveGoal(events.VerbResume)},
 		{events.KindVM, events.VerbDelete, s.serveDelete},
+		{events.KindLease, events.VerbAcquire, s.serveAcquire},
+		{events.KindLease, events.VerbRelease, s.serveRelease},
+		{events.KindLease, events.VerbBreak, s.serveBreak},
 	}
 	for _, ep := range endpoints {
 		subject := events.CommandSubject(ep.kind, ep.verb)

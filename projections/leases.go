@@ -39,13 +39,6 @@ type leaseEntry struct {
 	resource, holder string
 }
 
-func (e leaseEntry) mode() events.LeaseMode {
-	if e.holder == "" {
-		return events.LeaseExclusive
-	}
-	return events.LeaseShared
-}
-
 func newLeaseTable(limit int) *table[events.LeaseState] {
 	t := newTable(prefixLease, limit, blankLease, isBlankLease)
 	t.inRow = func(l events.LeaseState) events.LeaseState {
