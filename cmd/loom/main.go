@@ -45,6 +45,7 @@ func newRoot() *cobra.Command {
 		newAgentCommand(client),
 		newHostCommand(client),
 		newImageCommand(client),
+		newLeaseCommand(client),
 		newVMCommand(client),
 		newEventsCommand(client),
 		newBenchCommand(),
