@@ -15,6 +15,10 @@ type Goal struct {
 	Incarnation uint64 `msgpack:"incarnation" json:"incarnation"`
 	// Spec is the domain to run.
 	Spec DomainSpec `msgpack:"spec" json:"spec"`
+	// Leases are the grants the VM runs under. Before it defines, starts
+	// or resumes the domain, the agent checks through the stream leader
+	// that each is still current, and refuses otherwise.
+	Leases []LeaseEpoch `msgpack:"leases,omitempty" json:"leases,omitempty"`
 }
 
 // HeaderIncarnation carries a goal's incarnation on LOOM_GOALS, so a reader
@@ -40,5 +44,6 @@ func GoalOf(s *VMState) (Goal, bool) {
 		Desired: s.Desired, AbsentReason: s.AbsentReason,
 		Incarnation: s.Incarnation,
 		Spec:        DomainSpec{Image: s.Image, CPU: s.CPU, MemoryMiB: s.MemoryMiB},
+		Leases:      s.Leases,
 	}, true
 }

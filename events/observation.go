@@ -55,6 +55,9 @@ type VMObserved struct {
 	State       ObservedState `msgpack:"state" json:"state"`
 	Fault       *Fault        `msgpack:"fault,omitempty" json:"fault,omitempty"`
 	Unrequested bool          `msgpack:"unrequested,omitempty" json:"unrequested,omitempty"`
+	// Leases are the grants the agent acted under (v2). An observation
+	// under an epoch that is no longer the VM's is flagged and ignored.
+	Leases []LeaseEpoch `msgpack:"leases,omitempty" json:"leases,omitempty"`
 }
 
 // VMProgress reports a long step under way, at most once a second.

@@ -46,10 +46,14 @@ var registry = map[Type]typeInfo{
 	TypeHostRejoined:      current[HostRejoined](),
 	TypeImageRegistered:   current[ImageRegistered](),
 	TypeVMCreated:         current[VMCreated](),
-	TypeVMPlaced:          current[VMPlaced](),
+	TypeVMPlaced: versions[VMPlaced](map[int]func([]byte) (Event, error){
+		1: upcast(upcastVMPlacedV1),
+	}),
 	TypeVMGoalChanged:     current[VMGoalChanged](),
 	TypeVMDeleted:         current[VMDeleted](),
-	TypeVMObserved:        current[VMObserved](),
+	TypeVMObserved: versions[VMObserved](map[int]func([]byte) (Event, error){
+		1: upcast(upcastVMObservedV1),
+	}),
 	TypeVMProgress:        current[VMProgress](),
 	TypeHostOrphanFound:   current[HostOrphanFound](),
 	TypeHostOrphanCleared: current[HostOrphanCleared](),

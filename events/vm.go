@@ -53,6 +53,9 @@ type VMPlaced struct {
 	UID           string `msgpack:"uid" json:"uid"`
 	Host          string `msgpack:"host" json:"host"`
 	AllocationSeq uint64 `msgpack:"alloc_seq" json:"alloc_seq"`
+	// Leases are the grants the VM runs under on Host (v2): shared on its
+	// image, exclusive on its disk, taken before this placement.
+	Leases []LeaseEpoch `msgpack:"leases,omitempty" json:"leases,omitempty"`
 }
 
 // VMGoalChanged records a new desired state for a VM that exists.
@@ -104,6 +107,8 @@ type VMState struct {
 	// Incarnation is the stream sequence of the decision that produced the
 	// current goal; zero while no goal exists.
 	Incarnation uint64 `msgpack:"incarnation,omitempty" json:"incarnation,omitempty"`
+	// Leases are the grants the VM runs under on Host, from its placement.
+	Leases []LeaseEpoch `msgpack:"leases,omitempty" json:"leases,omitempty"`
 	// Observed is the host agent's last report.
 	Observed Observation `msgpack:"observed" json:"observed"`
 }
@@ -147,7 +152,7 @@ func (s *VMState) Apply(rec *Record) error {
 			CreatedBy: rec.Envelope.Actor, CreateCommand: rec.Envelope.CommandID}
 	case VMPlaced:
 		if ev.UID == s.UID {
-			s.Host, s.Phase, s.Incarnation = ev.Host, PhasePlaced, rec.Seq
+			s.Host, s.Phase, s.Incarnation, s.Leases = ev.Host, PhasePlaced, rec.Seq, ev.Leases
 		}
 	case VMGoalChanged:
 		if ev.UID == s.UID {

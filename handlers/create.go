@@ -150,13 +150,18 @@ func (s *Service) runCreate(ctx context.Context, r *createRun) *events.Fault {
 		p, res, fault = s.allocate(ctx, r.c, r.cmd.Name, r.uid, r.need)
 		r.add(res)
 		if fault != nil && fault.Code == events.CodeNoCapacity {
-			return s.withdraw(ctx, r, fault)
+			return s.withdraw(ctx, r, ReasonNoCapacity, fault)
 		}
 		if fault != nil {
 			return fault
 		}
 	}
-	res, fault := s.place(ctx, r.c, r.cmd.Name, r.uid, p)
+	res, leased, fault := s.placeLeased(ctx, r.c, r.cmd.Name, r.uid, r.cmd.Image, p)
+	r.appended = append(r.appended, leased...)
+	r.fresh = r.fresh || len(leased) > 0
+	if fault != nil && fault.Code == events.CodeLeaseHeld {
+		return s.withdraw(ctx, r, ReasonLeaseHeld, fault)
+	}
 	r.add(res)
 	r.vmHead = res.head.Seq
 	return fault
@@ -270,11 +275,11 @@ func (s *Service) place(ctx context.Context, c *command, vm, uid string, p place
 // withdraw deletes a created VM that found no room after all, and answers
 // with cause; unless another handling (a scheduler elsewhere) placed it
 // meanwhile, in which case the create took effect after all.
-func (s *Service) withdraw(ctx context.Context, r *createRun, cause *events.Fault) *events.Fault {
+func (s *Service) withdraw(ctx context.Context, r *createRun, reason string, cause *events.Fault) *events.Fault {
 	var placed bool
 	res, fault := appendStep(ctx, s, s.vms, r.c, r.cmd.Name, createStepWithdrawn, events.TypeVMDeleted, func(vm *events.VMState) (events.Event, *events.Fault) {
 		placed = vm.UID == r.uid && vm.Phase == events.PhasePlaced
-		return decideWithdraw(*vm, r.uid), nil
+		return decideWithdraw(*vm, r.uid, reason), nil
 	})
 	r.add(res)
 	r.vmHead = res.head.Seq

@@ -268,7 +268,7 @@ func TestDecideWithdraw(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := decideWithdraw(tc.vm, "u1"); !reflect.DeepEqual(got, tc.want) {
+			if got := decideWithdraw(tc.vm, "u1", ReasonNoCapacity); !reflect.DeepEqual(got, tc.want) {
 				t.Fatalf("got %#v, want %#v", got, tc.want)
 			}
 		})

@@ -31,6 +31,8 @@ func decideCreate(vm events.VMState, cmd *events.CreateVM, origin events.Origin)
 type placement struct {
 	host     string
 	allocSeq uint64
+	// leases are the grants the VM runs under on host.
+	leases []events.LeaseEpoch
 }
 
 // decidePlace binds the pending incarnation uid to the host whose
@@ -41,15 +43,16 @@ func decidePlace(vm events.VMState, uid string, p placement) (events.Event, *eve
 	case vm.UID != uid || vm.Phase == events.PhaseDeleting || vm.Phase == events.PhaseGone:
 		return nil, events.Errorf(events.CodeVMNotFound, "vm %s was deleted before it could be placed", vm.Name)
 	case vm.Phase == events.PhasePending:
-		return events.VMPlaced{UID: uid, Host: p.host, AllocationSeq: p.allocSeq}, nil
+		return events.VMPlaced{UID: uid, Host: p.host, AllocationSeq: p.allocSeq, Leases: p.leases}, nil
 	}
 	return nil, nil
 }
 
-// decideWithdraw deletes the pending incarnation uid that found no room.
-func decideWithdraw(vm events.VMState, uid string) events.Event {
+// decideWithdraw deletes the pending incarnation uid that found no room,
+// or could not have its leases.
+func decideWithdraw(vm events.VMState, uid, reason string) events.Event {
 	if vm.UID == uid && vm.Phase == events.PhasePending {
-		return events.VMDeleted{UID: uid, Reason: ReasonNoCapacity}
+		return events.VMDeleted{UID: uid, Reason: reason}
 	}
 	return nil
 }

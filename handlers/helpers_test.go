@@ -241,6 +241,7 @@ type uncheckedPublisher struct{ jetstream.Publisher }
 
 func (p uncheckedPublisher) PublishMsg(ctx context.Context, msg *nats.Msg, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error) {
 	msg.Header.Del(jetstream.ExpectedLastSubjSeqHeader)
+	msg.Header.Del("Nats-Expected-Last-Subject-Sequence-Subject")
 	return p.Publisher.PublishMsg(ctx, msg, opts...)
 }
 
@@ -256,3 +257,6 @@ func fixture(t testing.TB, hosts int, cpu, memoryMiB int) (*bustest.Bus, *replic
 	registerImage(t, client, "debian")
 	return b, r, client
 }
+
+// createChain is what a whole vm.create appends, in order.
+var createChain = []events.Type{events.TypeVMCreated, events.TypeHostAllocated, events.TypeLeaseGranted, events.TypeLeaseGranted, events.TypeVMPlaced}

@@ -34,7 +34,7 @@ func (s *Service) serveAcquire(ctx context.Context, req *request) *events.Reply 
 		return failed(fault, nil)
 	}
 	r, _ := events.ParseResource(cmd.Resource) // Validate parsed it
-	appended, fault := s.acquire(ctx, c, r, cmd.Mode, cmd.LeaseHolder, false)
+	appended, fault := s.acquire(ctx, c, leaseStep, r, cmd.Mode, cmd.LeaseHolder, false)
 	return leaseReply(appended, fault)
 }
 
@@ -95,15 +95,21 @@ func leaseReply(appended *events.Appended, fault *events.Fault) *events.Reply {
 	return &events.Reply{Events: evs, Error: fault}
 }
 
-// acquire grants holder a lease on r in mode, or answers with the grant it
-// already holds. internal is set by a VM's own create, which may make a
-// disk resource by taking its first grant.
-func (s *Service) acquire(ctx context.Context, c *command, r events.Resource, mode events.LeaseMode, holder events.LeaseHolder, internal bool) (*events.Appended, *events.Fault) {
+// acquire grants holder a lease on r in mode, as the index-th event of
+// command c, or answers with the grant it already holds. internal is set
+// by a VM's own create, which may make a disk resource by taking its first
+// grant.
+func (s *Service) acquire(ctx context.Context, c *command, index int, r events.Resource, mode events.LeaseMode, holder events.LeaseHolder, internal bool) (*events.Appended, *events.Fault) {
+	if s.stepHook != nil {
+		if err := s.stepHook(c, index); err != nil {
+			return nil, events.Errorf(events.CodeInternal, "lease %s step %d: %v", r, index, err)
+		}
+	}
 	if fault := s.checkLeaseHolder(ctx, holder); fault != nil {
 		return nil, fault
 	}
 	subject := events.LeaseSubject(r, mode, holder.ID)
-	if recorded, fault := s.leaseRecorded(ctx, c); fault != nil || recorded != nil {
+	if recorded, fault := s.leaseRecorded(ctx, c, subject); fault != nil || recorded != nil {
 		if fault == nil && mode == events.LeaseShared {
 			fault = s.voidFault(ctx, r, holder.ID, recorded.Seq)
 		}
@@ -117,7 +123,7 @@ func (s *Service) acquire(ctx context.Context, c *command, r events.Resource, mo
 		if g, ok := state.Grant(mode, holder.ID); ok && !g.Void && g.Host == holder.Host {
 			// Held already: by an earlier attempt of this command, or by
 			// another command of the same holder. Either way it holds.
-			return &events.Appended{Seq: g.Epoch, Subject: subject, Type: events.TypeLeaseGranted}, nil
+			return s.recorded(ctx, c, g.Epoch)
 		}
 		if fault := s.checkResource(ctx, r, &state, internal); fault != nil {
 			return nil, fault
@@ -132,7 +138,7 @@ func (s *Service) acquire(ctx context.Context, c *command, r events.Resource, mo
 			return nil, fault
 		}
 		ev := events.LeaseGranted{Mode: mode, LeaseHolder: holder}
-		appended, retry, fault := s.appendLease(ctx, c, r, subject, ev, head, expect)
+		appended, retry, fault := s.appendLease(ctx, c, index, r, subject, ev, head, expect)
 		if fault != nil || !retry {
 			if fault == nil && mode == events.LeaseShared {
 				fault = s.checkNotVoid(ctx, r, holder.ID, appended.Seq, state)
@@ -322,7 +328,7 @@ func (s *Service) voidFault(ctx context.Context, r events.Resource, holder strin
 // of it (nil: nothing to append), on the grant's own subject.
 func (s *Service) endLease(ctx context.Context, c *command, r events.Resource, holder string, decide func(events.LeaseGrant, events.HostState) (events.Event, *events.Fault)) (*events.Appended, *events.Fault) {
 	for attempt := 1; ; attempt++ {
-		if recorded, fault := s.leaseRecorded(ctx, c); fault != nil || recorded != nil {
+		if recorded, fault := s.leaseRecorded(ctx, c, ""); fault != nil || recorded != nil {
 			return recorded, fault
 		}
 		state, err := s.cfg.Reader.Lease(ctx, r.String())
@@ -359,7 +365,7 @@ func (s *Service) endLease(ctx context.Context, c *command, r events.Resource, h
 		if err != nil {
 			return nil, unavailable("read head of "+subject, err)
 		}
-		appended, retry, fault := s.appendLease(ctx, c, r, subject, ev, head, bus.Expect{Seq: head.Seq})
+		appended, retry, fault := s.appendLease(ctx, c, leaseStep, r, subject, ev, head, bus.Expect{Seq: head.Seq})
 		if fault != nil || !retry {
 			return appended, fault
 		}
@@ -373,15 +379,16 @@ func (s *Service) endLease(ctx context.Context, c *command, r events.Resource, h
 	}
 }
 
-// leaseRecorded is the event an earlier handling of the lease command c
-// appended, if the read model knows of one.
-func (s *Service) leaseRecorded(ctx context.Context, c *command) (*events.Appended, *events.Fault) {
+// leaseRecorded is the lease event an earlier handling of command c
+// appended on subject (any lease subject if empty), if the read model
+// knows of one.
+func (s *Service) leaseRecorded(ctx context.Context, c *command, subject string) (*events.Appended, *events.Fault) {
 	result, _, err := s.cfg.Reader.CommandResult(ctx, c.actor, c.id)
 	if err != nil {
 		return nil, unavailable("read command result", err)
 	}
 	for _, a := range result {
-		if a.Subject != "" && strings.HasPrefix(a.Subject, "loom.evt.lease.") {
+		if a.Subject == subject || subject == "" && strings.HasPrefix(a.Subject, "loom.evt.lease.") {
 			return &a, nil
 		}
 	}
@@ -392,12 +399,12 @@ func (s *Service) leaseRecorded(ctx context.Context, c *command) (*events.Append
 // subject after head, with expect's check. retry says the check failed and
 // the command must be decided again; a command that already appended its
 // event (a retry) gets that event.
-func (s *Service) appendLease(ctx context.Context, c *command, r events.Resource, subject string, ev events.Event, head events.Head, expect bus.Expect) (*events.Appended, bool, *events.Fault) {
-	env, data, err := events.Seal(ev, events.KindLease, r.String(), c.origin, leaseStep, head.Hash)
+func (s *Service) appendLease(ctx context.Context, c *command, index int, r events.Resource, subject string, ev events.Event, head events.Head, expect bus.Expect) (*events.Appended, bool, *events.Fault) {
+	env, data, err := events.Seal(ev, events.KindLease, r.String(), c.origin, index, head.Hash)
 	if err != nil {
 		return nil, false, events.Errorf(events.CodeInternal, "%v", err)
 	}
-	ack, err := bus.AppendExpecting(ctx, s.publisher, subject, &env, data, expect, events.MsgID(c.actor, c.id, leaseStep))
+	ack, err := bus.AppendExpecting(ctx, s.publisher, subject, &env, data, expect, events.MsgID(c.actor, c.id, index))
 	switch {
 	case err == nil && !ack.Duplicate:
 		return &events.Appended{Seq: ack.Seq, Subject: subject, Type: env.Type, ID: env.ID}, false, nil

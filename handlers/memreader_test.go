@@ -194,6 +194,17 @@ func (r *memReader) Lease(_ context.Context, resource string) (events.LeaseState
 	return l, nil
 }
 
+func (r *memReader) AllLeases(context.Context) ([]events.LeaseGrant, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []events.LeaseGrant
+	for _, resource := range slices.Sorted(maps.Keys(r.leases)) {
+		l := r.leases[resource]
+		out = append(out, standingGrants(&l)...)
+	}
+	return out, nil
+}
+
 func (r *memReader) Head(_ context.Context, subject string) (events.Head, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()

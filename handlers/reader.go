@@ -29,6 +29,8 @@ type Reader interface {
 	// Head is where a loom.evt subject stands, flagged messages included;
 	// the zero Head when it is empty.
 	Head(ctx context.Context, subject string) (events.Head, error)
+	// AllLeases lists every standing grant.
+	AllLeases(ctx context.Context) ([]events.LeaseGrant, error)
 	// Hosts lists every host the read model knows.
 	Hosts(ctx context.Context) ([]events.HostState, error)
 	// AllVMs lists every VM the read model knows, gone ones included.

@@ -16,6 +16,10 @@ import (
 // minPassTimeout is the least time a scheduler pass is given.
 const minPassTimeout = 30 * time.Second
 
+// schedulerActor is the actor of what the scheduler decides on its own
+// (not as the step of a command it completes).
+const schedulerActor = "loom:scheduler"
+
 // Nudge asks the scheduler for a pass soon. It never blocks.
 func (s *Service) Nudge() {
 	select {
@@ -70,6 +74,12 @@ type located struct {
 // A pass sees at least everything appended before it began: it first waits
 // for the read model to reach the stream's last sequence.
 func (s *Service) ReconcileOnce(ctx context.Context) error {
+	// The grants are read before the VMs: a grant follows its VM's
+	// vm.created in the stream, so every VM a grant names is then known.
+	grants, err := s.cfg.Reader.AllLeases(ctx)
+	if err != nil {
+		return fmt.Errorf("list leases: %w", err)
+	}
 	hosts, allocations, vms, err := s.snapshot(ctx)
 	if err != nil {
 		return err
@@ -81,7 +91,54 @@ func (s *Service) ReconcileOnce(ctx context.Context) error {
 	}
 	errs = append(errs, s.completeCreates(ctx, vms, allocations))
 	errs = append(errs, s.releaseOrphans(ctx, vms, allocations))
+	errs = append(errs, s.releaseOrphanLeases(ctx, grants, vms))
 	return errors.Join(errs...)
+}
+
+// releaseOrphanLeases gives back the grants held by VMs that can no longer
+// write: a VM incarnation withdrawn before it ran, deleted and reported
+// absent by its agent, or replaced by a new incarnation of its name. A
+// grant that names no VM belongs to a client, which releases it itself.
+func (s *Service) releaseOrphanLeases(ctx context.Context, grants []events.LeaseGrant, vms []events.VMState) error {
+	byName := make(map[string]events.VMState, len(vms))
+	for _, vm := range vms {
+		byName[vm.Name] = vm
+	}
+	var errs []error
+	for _, g := range grants {
+		vm, known := byName[g.VM]
+		if g.VM == "" || g.Void {
+			continue
+		}
+		var reason string
+		switch {
+		case !known || vm.UID != g.ID:
+			reason = "vm " + g.VM + " incarnation " + g.ID + " is gone"
+		case vm.Phase == events.PhaseGone:
+			reason = "vm " + g.VM + " is gone (" + vm.AbsentReason + ")"
+		default:
+			continue
+		}
+		if err := s.releaseOrphanGrant(ctx, g, reason); err != nil {
+			errs = append(errs, fmt.Errorf("release %s of %s: %w", g.Resource, g.ID, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// withdrawPending deletes a pending VM whose leases another holder has, as
+// the command that created it, so that it does not wait forever.
+func (s *Service) withdrawPending(ctx context.Context, c *command, vm events.VMState, cause *events.Fault) error {
+	res, fault := appendStep(ctx, s, s.vms, c, vm.Name, createStepWithdrawn, events.TypeVMDeleted, func(state *events.VMState) (events.Event, *events.Fault) {
+		return decideWithdraw(*state, vm.UID, ReasonLeaseHeld), nil
+	})
+	if fault != nil {
+		return fault
+	}
+	if res.appended != nil && !res.replayed {
+		s.log.Warn("pending vm withdrawn: its leases are held elsewhere", keyVM, vm.Name, keyErr, cause)
+	}
+	return nil
 }
 
 // snapshot reads the hosts, their allocations in order, and the VMs, once
@@ -165,7 +222,10 @@ func (s *Service) completeCreate(ctx context.Context, vm events.VMState, allocat
 			return fault
 		}
 	}
-	res, fault := s.place(ctx, c, vm.Name, vm.UID, p)
+	res, _, fault := s.placeLeased(ctx, c, vm.Name, vm.UID, vm.Image, p)
+	if fault != nil && fault.Code == events.CodeLeaseHeld {
+		return s.withdrawPending(ctx, c, vm, fault)
+	}
 	if fault != nil && fault.Code != events.CodeVMNotFound { // deleted meanwhile: its allocation is an orphan now
 		return fault
 	}

@@ -58,12 +58,21 @@ func schedulerFixture(t *testing.T, opts ...func(*Service)) (*bustest.Bus, *repl
 }
 
 func TestScheduler_CompletesCreateCutShort(t *testing.T) {
-	for _, cut := range []int{createStepAllocated, createStepPlaced} {
-		t.Run(map[int]string{createStepAllocated: "after vm.created", createStepPlaced: "after host.allocated"}[cut], func(t *testing.T) {
-			b, r, _ := schedulerFixture(t, crashAt("c1", cut))
+	for _, tc := range []struct {
+		name   string
+		cut    int
+		before int // events appended before the cut
+	}{
+		{"after vm.created", createStepAllocated, 1},
+		{"after host.allocated", createStepImageLease, 2},
+		{"after the image lease", createStepDiskLease, 3},
+		{"after the disk lease", createStepPlaced, 4},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b, r, _ := schedulerFixture(t, crashAt("c1", tc.cut))
 			reply := call(t, r.nc, events.KindVM, events.VerbCreate, events.FormatMsgpack, "alice", createCmd("web", "c1", 2, 1024))
-			if code(reply.Error) != events.CodeInternal || len(reply.Events) != cut {
-				t.Fatalf("cut create: %+v, want internal after %d events", reply, cut)
+			if code(reply.Error) != events.CodeInternal || len(reply.Events) != tc.before {
+				t.Fatalf("cut create: %+v, want internal after %d events", reply, tc.before)
 			}
 			reconcile(t, b, r)
 
@@ -85,7 +94,7 @@ func TestScheduler_CompletesCreateCutShort(t *testing.T) {
 			}
 			// The scheduler acted as alice's c1: her retry gets the whole result.
 			again := call(t, r.nc, events.KindVM, events.VerbCreate, events.FormatMsgpack, "alice", createCmd("web", "c1", 2, 1024))
-			want := []events.Type{events.TypeVMCreated, events.TypeHostAllocated, events.TypeVMPlaced}
+			want := createChain
 			if again.Error != nil || !again.Replayed || !reflect.DeepEqual(types(again.Events), want) {
 				t.Fatalf("retry: %+v, want %v replayed", again, want)
 			}
@@ -131,7 +140,7 @@ func TestScheduler_RacesRetry(t *testing.T) {
 	}
 	caughtUp(t, b, r)
 	result, _, _ := r.reader.CommandResult(context.Background(), "alice", "c1")
-	if got, want := types(result), []events.Type{events.TypeVMCreated, events.TypeHostAllocated, events.TypeVMPlaced}; !reflect.DeepEqual(got, want) {
+	if got, want := types(result), createChain; !reflect.DeepEqual(got, want) {
 		t.Fatalf("c1 appended %v, want %v", got, want)
 	}
 }

@@ -3,6 +3,7 @@ package projections
 import (
 	"context"
 	"fmt"
+	"reflect"
 
 	"github.com/cockroachdb/pebble/v2"
 
@@ -30,7 +31,14 @@ func (f VMFilter) keeps(vm *events.VMState) bool {
 
 func blankVM(name string) events.VMState { return events.VMState{Name: name} }
 
-func isBlankVM(vm *events.VMState) bool { return *vm == events.VMState{Name: vm.Name} }
+func isBlankVM(vm *events.VMState) bool {
+	if len(vm.Leases) > 0 {
+		return false
+	}
+	rest := *vm
+	rest.Name, rest.Leases = "", nil
+	return reflect.ValueOf(rest).IsZero()
+}
 
 func (b *batch) foldVM(rec *events.Record) error {
 	r, err := b.loadVM(rec.Envelope.AggregateID)

@@ -132,6 +132,10 @@ func (r readModel) AllVMs(ctx context.Context) ([]events.VMState, error) {
 	return r.VMs(ctx, projections.VMFilter{IncludeGone: true})
 }
 
+func (r readModel) AllLeases(ctx context.Context) ([]events.LeaseGrant, error) {
+	return r.Leases(ctx, projections.LeaseFilter{})
+}
+
 func (r readModel) Hosts(ctx context.Context) ([]events.HostState, error) {
 	rows, err := r.Store.Hosts(ctx)
 	if err != nil {

@@ -1,0 +1,53 @@
+package events
+
+// Old versions of event types, and the upcasters that read them as the
+// newest. A stored event is never rewritten: readers meet every version
+// ever written, forever, and the golden sample of each stays in schemas/.
+
+// upcast is the decoder of an old version Old, read as the newest by up.
+func upcast[Old any, New Event](up func(Old) New) func([]byte) (Event, error) {
+	return func(payload []byte) (Event, error) {
+		var old Old
+		if err := Unmarshal(payload, &old); err != nil {
+			return nil, err
+		}
+		return up(old), nil
+	}
+}
+
+// versions registers a type whose older versions upcast to its Go shape,
+// the newest.
+func versions[T Event](olds map[int]func([]byte) (Event, error)) typeInfo {
+	info := typeInfo{version: len(olds) + 1, decoders: map[int]func([]byte) (Event, error){}}
+	for v, decode := range olds {
+		info.decoders[v] = decode
+	}
+	info.decoders[info.version] = decodeAs[T]()
+	return info
+}
+
+// vmPlacedV1 is vm.placed before leases: a placement named no grants.
+// Read as v2 it runs under no lease, which agents refuse to start.
+type vmPlacedV1 struct {
+	UID           string `msgpack:"uid"`
+	Host          string `msgpack:"host"`
+	AllocationSeq uint64 `msgpack:"alloc_seq"`
+}
+
+func upcastVMPlacedV1(v vmPlacedV1) VMPlaced {
+	return VMPlaced{UID: v.UID, Host: v.Host, AllocationSeq: v.AllocationSeq}
+}
+
+// vmObservedV1 is vm.observed before leases: an observation named no
+// epochs it acted under.
+type vmObservedV1 struct {
+	UID         string        `msgpack:"uid"`
+	Incarnation uint64        `msgpack:"incarnation"`
+	State       ObservedState `msgpack:"state"`
+	Fault       *Fault        `msgpack:"fault,omitempty"`
+	Unrequested bool          `msgpack:"unrequested,omitempty"`
+}
+
+func upcastVMObservedV1(v vmObservedV1) VMObserved {
+	return VMObserved{UID: v.UID, Incarnation: v.Incarnation, State: v.State, Fault: v.Fault, Unrequested: v.Unrequested}
+}
