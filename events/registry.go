@@ -37,20 +37,20 @@ func current[T Event]() typeInfo {
 
 // registry lists every event type. It is read-only after package init.
 var registry = map[Type]typeInfo{
-	TypeHostRegistered:    current[HostRegistered](),
-	TypeHostCordoned:      current[HostCordoned](),
-	TypeHostUncordoned:    current[HostUncordoned](),
-	TypeHostAllocated:     current[HostAllocated](),
-	TypeHostReleased:      current[HostReleased](),
-	TypeHostLost:          current[HostLost](),
-	TypeHostRejoined:      current[HostRejoined](),
-	TypeImageRegistered:   current[ImageRegistered](),
-	TypeVMCreated:         current[VMCreated](),
+	TypeHostRegistered:  current[HostRegistered](),
+	TypeHostCordoned:    current[HostCordoned](),
+	TypeHostUncordoned:  current[HostUncordoned](),
+	TypeHostAllocated:   current[HostAllocated](),
+	TypeHostReleased:    current[HostReleased](),
+	TypeHostLost:        current[HostLost](),
+	TypeHostRejoined:    current[HostRejoined](),
+	TypeImageRegistered: current[ImageRegistered](),
+	TypeVMCreated:       current[VMCreated](),
 	TypeVMPlaced: versions[VMPlaced](map[int]func([]byte) (Event, error){
 		1: upcast(upcastVMPlacedV1),
 	}),
-	TypeVMGoalChanged:     current[VMGoalChanged](),
-	TypeVMDeleted:         current[VMDeleted](),
+	TypeVMGoalChanged: current[VMGoalChanged](),
+	TypeVMDeleted:     current[VMDeleted](),
 	TypeVMObserved: versions[VMObserved](map[int]func([]byte) (Event, error){
 		1: upcast(upcastVMObservedV1),
 	}),
