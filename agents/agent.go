@@ -165,6 +165,9 @@ type Agent struct {
 	// fence is the fencing deadline the renewals keep ahead.
 	fence *fence
 
+	// leasesUnchecked, set by a test, skips the lease check before define,
+	// start and resume: the protection switched off, to show what it guards.
+	leasesUnchecked bool
 	// onReconciled, when set (tests), is called after each reconcile of a VM
 	// that had a connection to libvirtd.
 	onReconciled func(vm string)

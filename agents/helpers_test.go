@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -119,8 +120,19 @@ func countReconciles(vm string) (func(*Agent), *atomic.Int64) {
 	}, &n
 }
 
-// publishGoal publishes goal as the dispatcher does.
+// publishGoal publishes goal as the dispatcher does. A goal that names no
+// leases gets fresh grants, as the control plane's create would take them:
+// shared on its image, exclusive on its disk.
 func publishGoal(t testing.TB, js jetstream.JetStream, goal events.Goal) {
+	t.Helper()
+	if goal.Leases == nil && goal.Desired != events.DesiredAbsent {
+		goal.Leases = grantLeases(t, js, goal)
+	}
+	publishGoalAsIs(t, js, goal)
+}
+
+// publishGoalAsIs publishes goal as it is.
+func publishGoalAsIs(t testing.TB, js jetstream.JetStream, goal events.Goal) {
 	t.Helper()
 	data, err := events.Marshal(&goal)
 	if err != nil {
@@ -288,4 +300,46 @@ func lastLiveness(t testing.TB, nc *nats.Conn, host string) (bus.Message, events
 		return m, r, errors.New("liveness message is not a renewal")
 	}
 	return m, r, nil
+}
+
+// grantLeases appends the grants a VM's goal runs under, straight onto the
+// stream, and returns their epochs. The resources are named after the
+// host too, since tests run many hosts with the same VMs on one stream.
+func grantLeases(t testing.TB, js jetstream.JetStream, goal events.Goal) []events.LeaseEpoch {
+	t.Helper()
+	holder := events.LeaseHolder{ID: goal.UID, VM: goal.VM, Host: goal.Host}
+	name := func(s string) string {
+		return strings.Trim((goal.Host + "-" + s)[:min(len(goal.Host)+1+len(s), events.MaxNameLen)], "-_")
+	}
+	var out []events.LeaseEpoch
+	for _, l := range []struct {
+		r    events.Resource
+		mode events.LeaseMode
+	}{
+		{events.Resource{Kind: events.ResourceImage, Name: name(goal.Spec.Image)}, events.LeaseShared},
+		{events.Resource{Kind: events.ResourceDisk, Name: name(goal.VM)}, events.LeaseExclusive},
+	} {
+		seq := appendLeaseEvent(t, js, l.r, l.mode, goal.UID, events.LeaseGranted{Mode: l.mode, LeaseHolder: holder})
+		out = append(out, events.LeaseEpoch{Resource: l.r.String(), Mode: l.mode, Epoch: seq})
+	}
+	return out
+}
+
+// appendLeaseEvent appends ev on the lease subject of holder in mode, with
+// no check, and returns its sequence.
+func appendLeaseEvent(t testing.TB, js jetstream.JetStream, r events.Resource, mode events.LeaseMode, holder string, ev events.Event) uint64 {
+	t.Helper()
+	env, data, err := events.Seal(ev, events.KindLease, r.String(), events.Origin{Actor: "test", CommandID: "lease", Time: time.Now()}, 0, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	msg := &nats.Msg{Subject: events.LeaseSubject(r, mode, holder), Data: data, Header: nats.Header{}}
+	msg.Header.Set(events.HeaderType, string(env.Type))
+	ack, err := js.PublishMsg(ctx, msg)
+	if err != nil {
+		t.Fatalf("append %s: %v", env.Type, err)
+	}
+	return ack.Sequence
 }

@@ -17,6 +17,9 @@ type metrics struct {
 	renewals *prometheus.CounterVec
 	// fenced counts starts and resumes refused past the fencing deadline.
 	fenced prometheus.Counter
+	// leaseRefusals counts defines, starts and resumes refused because a
+	// grant the goal names was not current.
+	leaseRefusals prometheus.Counter
 	// conflicts counts appends rejected because someone else wrote an
 	// agent-owned subject.
 	conflicts prometheus.Counter
@@ -43,6 +46,10 @@ func newMetrics(host string) *metrics {
 		fenced: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "loom", Subsystem: "agent", Name: "fenced_steps_total", ConstLabels: labels,
 			Help: "Starts and resumes refused because the fencing deadline had passed.",
+		}),
+		leaseRefusals: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "loom", Subsystem: "agent", Name: "lease_refusals_total", ConstLabels: labels,
+			Help: "Defines, starts and resumes refused because a lease grant the goal names was not current.",
 		}),
 		renewals: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "loom", Subsystem: "agent", Name: "liveness_renewals_total", ConstLabels: labels,
@@ -73,5 +80,5 @@ func (m *metrics) action(s step, err error) {
 // constant "host" label.
 func (a *Agent) Collectors() []prometheus.Collector {
 	m := a.metrics
-	return []prometheus.Collector{m.actions, m.observations, m.reconcileSeconds, m.renewals, m.fenced, m.conflicts, m.connected}
+	return []prometheus.Collector{m.actions, m.observations, m.reconcileSeconds, m.renewals, m.fenced, m.leaseRefusals, m.conflicts, m.connected}
 }

@@ -169,7 +169,7 @@ func (a *Agent) reconcileGoal(ctx context.Context, name string, v vmRecord) (con
 	seen := observedState(dom, found)
 	if drifted(v, seen) {
 		// The domain changed by itself: say so, then put it back.
-		unrequested := events.VMObserved{UID: goal.UID, Incarnation: goal.Incarnation, State: seen, Unrequested: true}
+		unrequested := events.VMObserved{UID: goal.UID, Incarnation: goal.Incarnation, State: seen, Unrequested: true, Leases: goal.Leases}
 		if err := a.observe(ctx, name, unrequested); err != nil {
 			return true, err
 		}
@@ -192,7 +192,7 @@ func (a *Agent) reconcileGoal(ctx context.Context, name string, v vmRecord) (con
 		}
 		seen = observedState(dom, found)
 	}
-	if err := a.observe(ctx, name, events.VMObserved{UID: goal.UID, Incarnation: goal.Incarnation, State: seen}); err != nil {
+	if err := a.observe(ctx, name, events.VMObserved{UID: goal.UID, Incarnation: goal.Incarnation, State: seen, Leases: goal.Leases}); err != nil {
 		return true, err
 	}
 	if !seen.Satisfies(goal.Desired) {
@@ -207,10 +207,16 @@ func (a *Agent) execute(ctx context.Context, hv Hypervisor, goal events.Goal, uu
 		var err error
 		switch s {
 		case stepDefine:
+			if fault := a.checkLeases(ctx, goal); fault != nil {
+				return fault
+			}
 			err = hv.Define(ctx, domainSpec(goal, uuid))
 		case stepStart, stepResume:
 			if fault := a.fence.check(time.Now()); fault != nil {
 				a.metrics.fenced.Inc()
+				return fault
+			}
+			if fault := a.checkLeases(ctx, goal); fault != nil {
 				return fault
 			}
 			if s == stepStart {
@@ -350,5 +356,5 @@ func converged(v vmRecord) bool {
 
 // failed is the report of a goal the agent could not carry out.
 func failed(goal events.Goal, fault *events.Fault) events.VMObserved {
-	return events.VMObserved{UID: goal.UID, Incarnation: goal.Incarnation, State: events.ObservedFailed, Fault: fault}
+	return events.VMObserved{UID: goal.UID, Incarnation: goal.Incarnation, State: events.ObservedFailed, Fault: fault, Leases: goal.Leases}
 }

@@ -114,6 +114,9 @@ func DecodeRecord(seq uint64, subject string, stored time.Time, data []byte) (Re
 var (
 	// ErrCorrupt means the bytes are not a valid envelope.
 	ErrCorrupt = errors.New("corrupt event")
+	// ErrStaleEpoch means an observation acted under lease epochs that
+	// are not its VM's current ones.
+	ErrStaleEpoch = errors.New("observation under a stale lease epoch")
 	// ErrUnknownType means no decoder knows the event type.
 	ErrUnknownType = errors.New("unknown event type")
 	// ErrUnknownVersion means the type is known but not that version.

@@ -52,6 +52,8 @@ const (
 	CodeCorruptEvent Code = 6001
 	// An event's type or version is unknown to this build; upgrade the reader.
 	CodeUnknownEvent Code = 6002
+	// An agent's observation names lease epochs that are not the ones its VM runs under now; the read models flag it and ignore it.
+	CodeStaleObservation Code = 6003
 	// The lease's resource does not exist: no image is registered under that name, or no VM ever took that disk.
 	CodeResourceNotFound Code = 7001
 	// The resource is held in a mode that excludes the one asked for (an exclusive grant excludes every other, shared grants exclude an exclusive one); the message names the holders and their epochs.
@@ -88,6 +90,7 @@ var catalog = map[Code]codeInfo{
 	CodeLeaseNotCurrent:    {"lease_not_current", "The agent refused to define, start or resume a domain: a lease grant its goal names is no longer current (a later event on the resource revoked it), read through the stream leader."},
 	CodeCorruptEvent:       {"corrupt_event", "A message on the stream is not a valid Loom event; readers flag it and go on."},
 	CodeUnknownEvent:       {"unknown_event", "An event's type or version is unknown to this build; upgrade the reader."},
+	CodeStaleObservation:   {"stale_observation", "An agent's observation names lease epochs that are not the ones its VM runs under now; the read models flag it and ignore it."},
 	CodeResourceNotFound:   {"resource_not_found", "The lease's resource does not exist: no image is registered under that name, or no VM ever took that disk."},
 	CodeLeaseHeld:          {"lease_held", "The resource is held in a mode that excludes the one asked for (an exclusive grant excludes every other, shared grants exclude an exclusive one); the message names the holders and their epochs."},
 	CodeLeaseNotFound:      {"lease_not_found", "That holder holds no grant on the resource, or not under the epoch named: only the holder's standing grant can be released or broken."},

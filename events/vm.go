@@ -1,6 +1,9 @@
 package events
 
-import "fmt"
+import (
+	"fmt"
+	"slices"
+)
 
 // VM event types.
 const (
@@ -171,7 +174,7 @@ func (s *VMState) Apply(rec *Record) error {
 			}
 		}
 	case VMObserved:
-		s.applyObservation(rec, ev)
+		return s.applyObservation(rec, ev)
 	case VMProgress:
 		// Progress is for people watching; it changes no state.
 	default:
@@ -180,17 +183,25 @@ func (s *VMState) Apply(rec *Record) error {
 	return nil
 }
 
-func (s *VMState) applyObservation(rec *Record, ev VMObserved) {
+// applyObservation folds a report of the VM's host. A report that names
+// lease epochs other than the VM's current ones acted under grants that
+// were revoked or replaced: it is refused (ErrStaleEpoch), and the read
+// models flag it.
+func (s *VMState) applyObservation(rec *Record, ev VMObserved) error {
 	addr, err := ParseEventSubject(rec.Subject)
 	if err != nil || !addr.Observed || ev.UID != s.UID || addr.Host != s.Host {
-		return // another incarnation, or a host the VM is not on: not about this VM
+		return nil // another incarnation, or a host the VM is not on: not about this VM
 	}
 	if ev.Incarnation < s.Observed.Incarnation {
-		return
+		return nil
+	}
+	if len(ev.Leases) > 0 && !slices.Equal(ev.Leases, s.Leases) {
+		return fmt.Errorf("%w: vm %s on %s reported under %v, it runs under %v", ErrStaleEpoch, s.Name, addr.Host, ev.Leases, s.Leases)
 	}
 	s.Observed = Observation{Host: addr.Host, Incarnation: ev.Incarnation, State: ev.State, Fault: ev.Fault,
 		Seq: rec.Seq, Time: rec.Envelope.Time}
 	if s.Phase == PhaseDeleting && ev.State == ObservedAbsent && ev.Incarnation >= s.Incarnation {
 		s.Phase = PhaseGone
 	}
+	return nil
 }

@@ -43,7 +43,11 @@ func decodeDelivery(seq uint64, subject string, stored time.Time, data []byte, p
 
 // rejection is a message that decodes but cannot be applied here: it is
 // flagged and skipped like one that does not decode.
-type rejection struct{ reason string }
+type rejection struct {
+	reason string
+	// code is the catalog code it is flagged with; corrupt_event if zero.
+	code events.Code
+}
 
 func (r *rejection) Error() string { return r.reason }
 
@@ -127,7 +131,11 @@ func (b *batch) apply(d *delivery) error {
 		b.flag(rec, decodeCode(d.err), d.err.Error())
 		return nil
 	case errors.As(err, &rejected):
-		b.flag(rec, events.CodeCorruptEvent, rejected.reason)
+		code := rejected.code
+		if code == 0 {
+			code = events.CodeCorruptEvent
+		}
+		b.flag(rec, code, rejected.reason)
 		return nil
 	}
 	return err
@@ -171,7 +179,11 @@ func applyTo[T any](r *row[T], rec *events.Record, fold func(*T, *events.Record)
 	before := r.state
 	if err := fold(&r.state, rec); err != nil {
 		r.state = before
-		return &rejection{reason: err.Error()}
+		rej := &rejection{reason: err.Error()}
+		if errors.Is(err, events.ErrStaleEpoch) {
+			rej.code = events.CodeStaleObservation
+		}
+		return rej
 	}
 	return nil
 }

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -75,9 +76,27 @@ func TestCLI_UpCreateGetTail(t *testing.T) {
 		}
 	}
 
+	// The VM runs under its leases: shared on the image, exclusive on
+	// its disk, both on its host; another holder is refused the disk.
+	leases := loom("lease", "list", "--host", vm.Host)
+	for _, l := range vm.Leases {
+		row := regexp.MustCompile(regexp.QuoteMeta(l.Resource) + `\s+` + string(l.Mode) + `\s+` + strconv.FormatUint(l.Epoch, 10) + `\s+web-1\s+` + vm.UID + `\s+` + vm.Host + `\s+held`)
+		if !row.MatchString(leases) {
+			t.Errorf("lease list lacks %s %s %d on %s:\n%s", l.Resource, l.Mode, l.Epoch, vm.Host, leases)
+		}
+	}
+	if len(vm.Leases) != 2 {
+		t.Errorf("vm get shows leases %+v, want two", vm.Leases)
+	}
+	var discard lockedBuffer
+	err = execute(t.Context(), &discard, "--nats", url, "lease", "acquire", "disk/web-1", "--holder", "web-2", "--host", vm.Host)
+	if err == nil || !strings.Contains(err.Error(), "lease_held") || !strings.Contains(err.Error(), "VM web-1") {
+		t.Errorf("a second holder asking for web-1's disk: %v", err)
+	}
+
 	// The story, in stream order: decided, placed, observed.
 	story := loom("events", "tail", "--no-follow", "--type", "vm.created,host.allocated,vm.placed,vm.observed")
-	if mine := loom("events", "tail", "--no-follow", "--actor", "alice"); strings.Count(mine, "by alice") != 3 || strings.Contains(mine, "agent:") {
+	if mine := loom("events", "tail", "--no-follow", "--actor", "alice"); strings.Count(mine, "by alice") != 5 || strings.Contains(mine, "agent:") {
 		t.Errorf("events tail --actor alice:\n%s", mine)
 	}
 	order := regexp.MustCompile(`(?s)vm\.created .*by alice.*host\.allocated .*vm\.placed .*host-\d.*vm\.observed .*by agent:host-\d.*"state":"running"`)
