@@ -106,7 +106,7 @@ func TestSeal_DecodeRecord_RoundTrip(t *testing.T) {
 		t.Fatal(err)
 	}
 	if rec.Envelope.ID != env.ID || rec.Envelope.Actor != "alice" || rec.Envelope.CommandID != "c1" ||
-		rec.Envelope.Time != NanosOf(origin.Time) || !bytes.Equal(rec.Envelope.PrevHash, prev) || rec.Envelope.Version != 1 {
+		rec.Envelope.Time != NanosOf(origin.Time) || !bytes.Equal(rec.Envelope.PrevHash, prev) || rec.Envelope.Version != CurrentVersion(TypeVMCreated) {
 		t.Fatalf("envelope round trip: %+v", rec.Envelope)
 	}
 	got, ok := rec.Event.(VMCreated)

@@ -78,6 +78,9 @@ type CreateVM struct {
 	MemoryMiB   int    `msgpack:"mem_mib" json:"mem_mib"`
 	// Stopped creates the VM without starting it.
 	Stopped bool `msgpack:"stopped,omitempty" json:"stopped,omitempty"`
+	// OnHostLost is what happens if the VM's host is declared lost:
+	// restart (the default) or stop.
+	OnHostLost HostLostPolicy `msgpack:"on_host_lost,omitempty" json:"on_host_lost,omitempty"`
 }
 
 // VMCommand names the VM a start, stop, pause, resume or delete acts on.
@@ -144,6 +147,9 @@ func (c *CreateVM) Validate() error {
 	}
 	if c.MemoryMiB < 1 || c.MemoryMiB > MaxMemoryMiB {
 		return fmt.Errorf("mem_mib %d out of range 1..%d", c.MemoryMiB, MaxMemoryMiB)
+	}
+	if c.OnHostLost != "" && !c.OnHostLost.Valid() {
+		return fmt.Errorf("on_host_lost %q: want %s or %s", c.OnHostLost, RestartElsewhere, LeaveStopped)
 	}
 	return c.CommandMeta.Validate()
 }

@@ -137,12 +137,13 @@ type LeaseReleased struct {
 }
 
 // LeaseExpired records that the grant of Epoch ended because its holder's
-// host was declared lost (HostLostSeq is that host.lost event).
+// host was declared lost: MarkerSeq is the LOOM_LIVENESS sequence of the
+// lost marker that won, as host.lost recorded it.
 type LeaseExpired struct {
-	Holder      string `msgpack:"holder" json:"holder"`
-	Epoch       uint64 `msgpack:"epoch" json:"epoch"`
-	Host        string `msgpack:"host" json:"host"`
-	HostLostSeq uint64 `msgpack:"host_lost_seq" json:"host_lost_seq"`
+	Holder    string `msgpack:"holder" json:"holder"`
+	Epoch     uint64 `msgpack:"epoch" json:"epoch"`
+	Host      string `msgpack:"host" json:"host"`
+	MarkerSeq uint64 `msgpack:"marker_seq" json:"marker_seq"`
 }
 
 // LeaseBreaking records that an operator forced a break of a live grant:

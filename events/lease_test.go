@@ -81,7 +81,7 @@ func TestLeaseState_SharedAndExclusiveExcludeEachOther(t *testing.T) {
 		t.Fatal("an exclusive grant folded while shared grants stood")
 	}
 	l.must(LeaseShared, "a", LeaseReleased{Holder: "a", Epoch: a.Seq})
-	l.must(LeaseShared, "b", LeaseExpired{Holder: "b", Epoch: b.Seq, Host: "h2", HostLostSeq: 1})
+	l.must(LeaseShared, "b", LeaseExpired{Holder: "b", Epoch: b.Seq, Host: "h2", MarkerSeq: 1})
 	if l.s.Held() {
 		t.Fatalf("released and expired, still held: %+v", l.s)
 	}

@@ -45,7 +45,9 @@ var registry = map[Type]typeInfo{
 	TypeHostLost:        current[HostLost](),
 	TypeHostRejoined:    current[HostRejoined](),
 	TypeImageRegistered: current[ImageRegistered](),
-	TypeVMCreated:       current[VMCreated](),
+	TypeVMCreated: versions[VMCreated](map[int]func([]byte) (Event, error){
+		1: upcast(upcastVMCreatedV1),
+	}),
 	TypeVMPlaced: versions[VMPlaced](map[int]func([]byte) (Event, error){
 		1: upcast(upcastVMPlacedV1),
 	}),

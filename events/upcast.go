@@ -38,6 +38,20 @@ func upcastVMPlacedV1(v vmPlacedV1) VMPlaced {
 	return VMPlaced{UID: v.UID, Host: v.Host, AllocationSeq: v.AllocationSeq}
 }
 
+// vmCreatedV1 is vm.created before host-loss policies: such a VM restarts
+// elsewhere.
+type vmCreatedV1 struct {
+	UID       string  `msgpack:"uid"`
+	Image     string  `msgpack:"image"`
+	CPU       int     `msgpack:"cpu"`
+	MemoryMiB int     `msgpack:"mem_mib"`
+	Desired   Desired `msgpack:"desired"`
+}
+
+func upcastVMCreatedV1(v vmCreatedV1) VMCreated {
+	return VMCreated{UID: v.UID, Image: v.Image, CPU: v.CPU, MemoryMiB: v.MemoryMiB, Desired: v.Desired, OnHostLost: RestartElsewhere}
+}
+
 // vmObservedV1 is vm.observed before leases: an observation named no
 // epochs it acted under.
 type vmObservedV1 struct {

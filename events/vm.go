@@ -48,7 +48,26 @@ type VMCreated struct {
 	CPU       int     `msgpack:"cpu" json:"cpu"`
 	MemoryMiB int     `msgpack:"mem_mib" json:"mem_mib"`
 	Desired   Desired `msgpack:"desired" json:"desired"`
+	// OnHostLost is what happens to the VM if its host is declared lost
+	// (v2; v1 VMs restart).
+	OnHostLost HostLostPolicy `msgpack:"on_host_lost" json:"on_host_lost"`
 }
+
+// HostLostPolicy says what becomes of a VM whose host was declared lost,
+// once its leases expired.
+type HostLostPolicy string
+
+// The policies.
+const (
+	// RestartElsewhere places the VM on another host under new leases;
+	// with local disks its disk is provisioned again from its image.
+	RestartElsewhere HostLostPolicy = "restart"
+	// LeaveStopped keeps the VM on its host with a goal of stopped.
+	LeaveStopped HostLostPolicy = "stop"
+)
+
+// Valid tells whether p is a policy.
+func (p HostLostPolicy) Valid() bool { return p == RestartElsewhere || p == LeaveStopped }
 
 // VMPlaced binds the VM to a host whose allocation for it is at
 // AllocationSeq on the host's subject. The goal follows from here.
@@ -59,6 +78,13 @@ type VMPlaced struct {
 	// Leases are the grants the VM runs under on Host (v2): shared on its
 	// image, exclusive on its disk, taken before this placement.
 	Leases []LeaseEpoch `msgpack:"leases,omitempty" json:"leases,omitempty"`
+	// From is the host a placed VM was moved off (v2), and Reason why
+	// (AbsentHostLost); empty for a first placement.
+	From   string `msgpack:"from,omitempty" json:"from,omitempty"`
+	Reason string `msgpack:"reason,omitempty" json:"reason,omitempty"`
+	// Reprovisioned says the VM's disk was provisioned again from its
+	// image on Host: what it wrote on From's local disk is not carried.
+	Reprovisioned bool `msgpack:"reprovisioned,omitempty" json:"reprovisioned,omitempty"`
 }
 
 // VMGoalChanged records a new desired state for a VM that exists.
@@ -112,6 +138,12 @@ type VMState struct {
 	Incarnation uint64 `msgpack:"incarnation,omitempty" json:"incarnation,omitempty"`
 	// Leases are the grants the VM runs under on Host, from its placement.
 	Leases []LeaseEpoch `msgpack:"leases,omitempty" json:"leases,omitempty"`
+	// OnHostLost is the VM's host-loss policy.
+	OnHostLost HostLostPolicy `msgpack:"on_host_lost,omitempty" json:"on_host_lost,omitempty"`
+	// Left is the host the VM was last moved off, whose goal must say
+	// absent (LeftReason) so that it never resumes the VM there.
+	Left       string `msgpack:"left,omitempty" json:"left,omitempty"`
+	LeftReason string `msgpack:"left_reason,omitempty" json:"left_reason,omitempty"`
 	// Observed is the host agent's last report.
 	Observed Observation `msgpack:"observed" json:"observed"`
 }
@@ -151,12 +183,20 @@ func (s *VMState) Apply(rec *Record) error {
 	switch ev := rec.Event.(type) {
 	case VMCreated:
 		*s = VMState{Name: s.Name, UID: ev.UID, Phase: PhasePending, Image: ev.Image, CPU: ev.CPU,
-			MemoryMiB: ev.MemoryMiB, Desired: ev.Desired,
+			MemoryMiB: ev.MemoryMiB, Desired: ev.Desired, OnHostLost: ev.OnHostLost,
 			CreatedBy: rec.Envelope.Actor, CreateCommand: rec.Envelope.CommandID}
 	case VMPlaced:
-		if ev.UID == s.UID {
-			s.Host, s.Phase, s.Incarnation, s.Leases = ev.Host, PhasePlaced, rec.Seq, ev.Leases
+		if ev.UID != s.UID {
+			break
 		}
+		if ev.From != "" {
+			if s.Phase != PhasePlaced || s.Host != ev.From {
+				return fmt.Errorf("vm %s: moved off %s, but it is %s on %q", s.Name, ev.From, s.Phase, s.Host)
+			}
+			s.Left, s.LeftReason = ev.From, ev.Reason
+			s.Observed = Observation{}
+		}
+		s.Host, s.Phase, s.Incarnation, s.Leases = ev.Host, PhasePlaced, rec.Seq, ev.Leases
 	case VMGoalChanged:
 		if ev.UID == s.UID {
 			s.Desired = ev.Desired

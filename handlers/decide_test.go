@@ -204,6 +204,8 @@ func TestDecideCreate(t *testing.T) {
 	cmd := createCmd("web", "c1", 2, 1024)
 	stopped := *cmd
 	stopped.Stopped = true
+	leave := *cmd
+	leave.OnHostLost = events.LeaveStopped
 	vm := func(uid string, phase events.Phase) events.VMState {
 		return events.VMState{Name: "web", UID: uid, Phase: phase}
 	}
@@ -214,9 +216,10 @@ func TestDecideCreate(t *testing.T) {
 		wantEvent events.Event
 		wantCode  events.Code
 	}{
-		{"new name", events.VMState{}, cmd, events.VMCreated{UID: uid, Image: "debian", CPU: 2, MemoryMiB: 1024, Desired: events.DesiredRunning}, 0},
-		{"created stopped", events.VMState{}, &stopped, events.VMCreated{UID: uid, Image: "debian", CPU: 2, MemoryMiB: 1024, Desired: events.DesiredStopped}, 0},
-		{"name of a gone vm", vm("old", events.PhaseGone), cmd, events.VMCreated{UID: uid, Image: "debian", CPU: 2, MemoryMiB: 1024, Desired: events.DesiredRunning}, 0},
+		{"new name", events.VMState{}, cmd, events.VMCreated{UID: uid, Image: "debian", CPU: 2, MemoryMiB: 1024, Desired: events.DesiredRunning, OnHostLost: events.RestartElsewhere}, 0},
+		{"created stopped", events.VMState{}, &stopped, events.VMCreated{UID: uid, Image: "debian", CPU: 2, MemoryMiB: 1024, Desired: events.DesiredStopped, OnHostLost: events.RestartElsewhere}, 0},
+		{"left stopped on host loss", events.VMState{}, &leave, events.VMCreated{UID: uid, Image: "debian", CPU: 2, MemoryMiB: 1024, Desired: events.DesiredRunning, OnHostLost: events.LeaveStopped}, 0},
+		{"name of a gone vm", vm("old", events.PhaseGone), cmd, events.VMCreated{UID: uid, Image: "debian", CPU: 2, MemoryMiB: 1024, Desired: events.DesiredRunning, OnHostLost: events.RestartElsewhere}, 0},
 		{"this command's vm already", vm(uid, events.PhasePending), cmd, nil, 0},
 		{"this command's vm, placed", vm(uid, events.PhasePlaced), cmd, nil, 0},
 		{"name taken", vm("other", events.PhasePlaced), cmd, nil, events.CodeVMExists},

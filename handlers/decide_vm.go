@@ -24,7 +24,11 @@ func decideCreate(vm events.VMState, cmd *events.CreateVM, origin events.Origin)
 	if cmd.Stopped {
 		desired = events.DesiredStopped
 	}
-	return events.VMCreated{UID: uid, Image: cmd.Image, CPU: cmd.CPU, MemoryMiB: cmd.MemoryMiB, Desired: desired}, nil
+	policy := cmd.OnHostLost
+	if policy == "" {
+		policy = events.RestartElsewhere
+	}
+	return events.VMCreated{UID: uid, Image: cmd.Image, CPU: cmd.CPU, MemoryMiB: cmd.MemoryMiB, Desired: desired, OnHostLost: policy}, nil
 }
 
 // placement is where a VM's allocation stands.

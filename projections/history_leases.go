@@ -78,7 +78,7 @@ func (h *history) endLease(l *genLease, subject func(events.LeaseMode, string) s
 	case g.breaking:
 		h.emit(on, events.LeaseBroken{Holder: g.holder, Epoch: g.epoch, Reason: "stopped"}, h.command(), 0)
 	case slices.ContainsFunc(h.hosts, func(x *genHost) bool { return x.name == g.host && x.lost != 0 }):
-		h.emit(on, events.LeaseExpired{Holder: g.holder, Epoch: g.epoch, Host: g.host, HostLostSeq: 1}, "expire", 0)
+		h.emit(on, events.LeaseExpired{Holder: g.holder, Epoch: g.epoch, Host: g.host, MarkerSeq: 1}, "expire", 0)
 	default:
 		h.emit(on, events.LeaseReleased{Holder: g.holder, Epoch: g.epoch}, h.command(), 0)
 	}
