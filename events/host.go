@@ -109,6 +109,10 @@ type HostState struct {
 	// LOOM_LIVENESS sequence LostMarker, and it has not rejoined since.
 	Lost       bool   `msgpack:"lost,omitempty" json:"lost,omitempty"`
 	LostMarker uint64 `msgpack:"lost_marker,omitempty" json:"lost_marker,omitempty"`
+	// LostSeq is the LOOM_EVENTS sequence of the last host.lost, kept
+	// after a rejoin: every grant and placement on the host older than it
+	// was made before the host was lost, and ended with it.
+	LostSeq uint64 `msgpack:"lost_seq,omitempty" json:"lost_seq,omitempty"`
 	// Epoch is the LOOM_LIVENESS sequence of the renewal the host last
 	// rejoined with; zero if it was never lost.
 	Epoch uint64 `msgpack:"epoch,omitempty" json:"epoch,omitempty"`
@@ -152,7 +156,7 @@ func (h *HostState) Apply(rec *Record) error {
 	case HostUncordoned:
 		h.Cordoned, h.CordonReason = false, ""
 	case HostLost:
-		h.Lost, h.LostMarker = true, ev.MarkerSeq
+		h.Lost, h.LostMarker, h.LostSeq = true, ev.MarkerSeq, rec.Seq
 	case HostRejoined:
 		h.Lost, h.Epoch = false, ev.RenewalSeq
 	case HostAllocated:

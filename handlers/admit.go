@@ -64,13 +64,14 @@ func (s *Service) tryAdmit(vm, uid string, need capacity) (string, bool) {
 	return c.best.name, c.found
 }
 
-// findAllocation finds, among the cached hosts, the allocation that the VM
-// incarnation uid already holds (the earliest, if a race left two).
-func (s *Service) findAllocation(vm, uid string) (placement, bool) {
+// findAllocation finds, among the cached hosts but except, the allocation
+// that the VM incarnation uid already holds (the earliest, if a race left
+// two).
+func (s *Service) findAllocation(vm, uid, except string) (placement, bool) {
 	var p placement
 	var found bool
 	s.hosts.each(func(name string, h *hostView) {
-		if a, ok := h.state.Allocations[vm]; ok && a.UID == uid && (!found || a.Seq < p.allocSeq) {
+		if a, ok := h.state.Allocations[vm]; ok && a.UID == uid && name != except && (!found || a.Seq < p.allocSeq) {
 			p, found = placement{host: name, allocSeq: a.Seq}, true
 		}
 	})

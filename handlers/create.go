@@ -235,7 +235,13 @@ func (s *Service) precheck(ctx context.Context, r *createRun) *events.Fault {
 // that host fills up first (another writer took the room), the VM is
 // admitted again, elsewhere.
 func (s *Service) allocate(ctx context.Context, c *command, vm, uid string, need capacity) (placement, stepResult, *events.Fault) {
-	if p, ok := s.findAllocation(vm, uid); ok {
+	return s.allocateExcept(ctx, c, vm, uid, need, "")
+}
+
+// allocateExcept is allocate, ignoring an allocation on host except (the
+// host a VM is moved off).
+func (s *Service) allocateExcept(ctx context.Context, c *command, vm, uid string, need capacity, except string) (placement, stepResult, *events.Fault) {
+	if p, ok := s.findAllocation(vm, uid, except); ok {
 		return p, stepResult{}, nil
 	}
 	for range maxAdmissions {

@@ -52,6 +52,18 @@ func decidePlace(vm events.VMState, uid string, p placement) (events.Event, *eve
 	return nil, nil
 }
 
+// decideMove moves the incarnation uid, placed on the lost host from, to
+// the host of p. Its disk was local to from: it is provisioned again from
+// the image, and the event says so. A VM no longer placed on from (moved
+// already, or deleted) is left alone.
+func decideMove(vm events.VMState, uid, from string, p placement) events.Event {
+	if vm.UID != uid || vm.Phase != events.PhasePlaced || vm.Host != from {
+		return nil
+	}
+	return events.VMPlaced{UID: uid, Host: p.host, AllocationSeq: p.allocSeq, Leases: p.leases,
+		From: from, Reason: events.AbsentHostLost, Reprovisioned: true}
+}
+
 // decideWithdraw deletes the pending incarnation uid that found no room,
 // or could not have its leases.
 func decideWithdraw(vm events.VMState, uid, reason string) events.Event {

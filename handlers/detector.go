@@ -262,6 +262,7 @@ func (d *detector) declare(ctx context.Context, host string, markerSeq, renewalS
 		return false
 	case res.appended != nil && !res.replayed:
 		d.s.metrics.hostsLost.Inc()
+		d.s.Nudge() // expire its leases and move its VMs
 		d.s.log.Warn("host declared lost", keyHost, host, "marker_seq", markerSeq, "seq", res.appended.Seq)
 	}
 	return true

@@ -47,6 +47,12 @@ func vmLeases(vm, image string) []vmLease {
 // places it there under their epochs. leased are the lease events, found
 // or appended.
 func (s *Service) placeLeased(ctx context.Context, c *command, vm, uid, image string, p placement) (placed stepResult, leased []events.Appended, fault *events.Fault) {
+	return s.placeLeasedFrom(ctx, c, vm, uid, image, p, "")
+}
+
+// placeLeasedFrom is placeLeased for a VM placed on host from, which it
+// moves off (from empty: a pending VM's first placement).
+func (s *Service) placeLeasedFrom(ctx context.Context, c *command, vm, uid, image string, p placement, from string) (placed stepResult, leased []events.Appended, fault *events.Fault) {
 	holder := events.LeaseHolder{ID: uid, VM: vm, Host: p.host}
 	for _, l := range vmLeases(vm, image) {
 		a, fault := s.acquireForVM(ctx, c, l, holder)
@@ -58,7 +64,13 @@ func (s *Service) placeLeased(ctx context.Context, c *command, vm, uid, image st
 		}
 		p.leases = append(p.leases, events.LeaseEpoch{Resource: l.resource.String(), Mode: l.mode, Epoch: a.Seq})
 	}
-	placed, fault = s.place(ctx, c, vm, uid, p)
+	if from == "" {
+		placed, fault = s.place(ctx, c, vm, uid, p)
+	} else {
+		placed, fault = appendStep(ctx, s, s.vms, c, vm, createStepPlaced, events.TypeVMPlaced, func(state *events.VMState) (events.Event, *events.Fault) {
+			return decideMove(*state, uid, from, p), nil
+		})
+	}
 	return placed, leased, fault
 }
 

@@ -92,6 +92,8 @@ func (s *Service) ReconcileOnce(ctx context.Context) error {
 	errs = append(errs, s.completeCreates(ctx, vms, allocations))
 	errs = append(errs, s.releaseOrphans(ctx, vms, allocations))
 	errs = append(errs, s.releaseOrphanLeases(ctx, grants, vms))
+	errs = append(errs, s.expireLostLeases(ctx, hosts, grants))
+	errs = append(errs, s.evacuate(ctx, hosts, vms, grants))
 	return errors.Join(errs...)
 }
 

@@ -240,6 +240,28 @@ func (d *Dispatcher) dispatch(ctx context.Context, s *events.VMState) error {
 	if !ok {
 		return nil
 	}
+	if left, ok := leftGoal(s); ok {
+		if err := d.publish(ctx, left); err != nil {
+			return err
+		}
+	}
+	return d.publish(ctx, goal)
+}
+
+// leftGoal is the goal of a VM on the host it was moved off: absent, so
+// that the host, if it ever comes back, destroys the domain rather than
+// resuming it.
+func leftGoal(s *events.VMState) (events.Goal, bool) {
+	if s.Left == "" || s.Left == s.Host || s.Phase != events.PhasePlaced {
+		return events.Goal{}, false
+	}
+	return events.Goal{VM: s.Name, UID: s.UID, Host: s.Left, Desired: events.DesiredAbsent, AbsentReason: s.LeftReason,
+		Incarnation: s.Incarnation, Spec: events.DomainSpec{Image: s.Image, CPU: s.CPU, MemoryMiB: s.MemoryMiB}}, true
+}
+
+// publish puts goal on its subject unless a goal of the same or a higher
+// incarnation stands there.
+func (d *Dispatcher) publish(ctx context.Context, goal events.Goal) error {
 	subject := events.GoalSubject(goal.Host, goal.VM)
 	d.mu.Lock()
 	have := d.goals[subject]

@@ -1,0 +1,108 @@
+package handlers
+
+import (
+	"context"
+	"testing"
+
+	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/bus"
+)
+
+// declareLost records host.lost for host as the failure detector does
+// once its marker won.
+func declareLost(t *testing.T, r *replica, host string, marker uint64) {
+	t.Helper()
+	if !(&detector{s: r.svc}).declare(context.Background(), host, marker, marker-1) {
+		t.Fatalf("declare %s lost", host)
+	}
+}
+
+func TestHostLoss_LeasesExpireThenTheVMRestartsElsewhere(t *testing.T) {
+	b, r, _ := schedulerFixture(t)
+	ctx := context.Background()
+	if reply := call(t, r.nc, events.KindVM, events.VerbCreate, events.FormatMsgpack, "alice", createCmd("web", "c1", 1, 512)); reply.Error != nil {
+		t.Fatal(reply.Error)
+	}
+	caughtUp(t, b, r)
+	before, _, _ := r.reader.VM(ctx, "web")
+
+	// Nothing moves while the host is alive, however many passes.
+	reconcile(t, b, r)
+	if vm, _, _ := r.reader.VM(ctx, "web"); vm.Host != before.Host || vm.Incarnation != before.Incarnation {
+		t.Fatalf("a pass moved a VM of a live host: %+v", vm)
+	}
+
+	declareLost(t, r, before.Host, 100)
+	reconcile(t, b, r) // expires the grants
+	for _, l := range before.Leases {
+		state, _ := r.reader.Lease(ctx, l.Resource)
+		if g, ok := state.Grant(l.Mode, before.UID); ok && g.Epoch == l.Epoch {
+			t.Fatalf("%s still held under %d after its host was lost", l.Resource, l.Epoch)
+		}
+	}
+	reconcile(t, b, r) // moves the VM
+	reconcile(t, b, r) // releases the allocation it left
+	after, _, _ := r.reader.VM(ctx, "web")
+	if after.Host == before.Host || after.Left != before.Host || after.LeftReason != events.AbsentHostLost || after.UID != before.UID {
+		t.Fatalf("after the loss: %+v", after)
+	}
+	if len(after.Leases) != 2 {
+		t.Fatalf("moved under leases %+v", after.Leases)
+	}
+	for i, l := range after.Leases {
+		if l.Epoch <= before.Leases[i].Epoch {
+			t.Errorf("new grant %+v is not newer than %+v", l, before.Leases[i])
+		}
+		state, _ := r.reader.Lease(ctx, l.Resource)
+		if g, ok := state.Grant(l.Mode, after.UID); !ok || g.Epoch != l.Epoch || g.Host != after.Host {
+			t.Errorf("%s: grant %+v, want epoch %d on %s", l.Resource, g, l.Epoch, after.Host)
+		}
+	}
+	m, err := bus.LastOnSubject(ctx, r.nc, events.StreamEvents, events.EventSubject(events.KindVM, "web"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec, err := events.DecodeRecord(m.Seq, m.Subject, m.Time, m.Data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	last, _ := rec.Event.(events.VMPlaced)
+	if !last.Reprovisioned || last.From != before.Host || last.Reason != events.AbsentHostLost {
+		t.Errorf("the move does not say where from and that the disk was provisioned again: %+v", last)
+	}
+	for _, h := range replayHosts(t, b.JS) {
+		if a, ok := h.Allocations["web"]; ok && h.Name != after.Host {
+			t.Errorf("allocation %+v left on %s", a, h.Name)
+		}
+	}
+	// Another pass changes nothing.
+	seq := lastSeq(t, b)
+	reconcile(t, b, r)
+	if got := lastSeq(t, b); got != seq {
+		t.Fatalf("a quiet pass appended: %d -> %d", seq, got)
+	}
+}
+
+func TestHostLoss_LeaveStoppedPolicy(t *testing.T) {
+	b, r, _ := schedulerFixture(t)
+	ctx := context.Background()
+	cmd := createCmd("db", "c1", 1, 512)
+	cmd.OnHostLost = events.LeaveStopped
+	if reply := call(t, r.nc, events.KindVM, events.VerbCreate, events.FormatMsgpack, "alice", cmd); reply.Error != nil {
+		t.Fatal(reply.Error)
+	}
+	caughtUp(t, b, r)
+	before, _, _ := r.reader.VM(ctx, "db")
+	declareLost(t, r, before.Host, 100)
+	reconcile(t, b, r)
+	reconcile(t, b, r)
+	after, _, _ := r.reader.VM(ctx, "db")
+	if after.Host != before.Host || after.Desired != events.DesiredStopped || after.Left != "" {
+		t.Fatalf("after the loss: %+v, want stopped on %s", after, before.Host)
+	}
+	for _, l := range before.Leases {
+		if state, _ := r.reader.Lease(ctx, l.Resource); state.Held() {
+			t.Errorf("%s still held: %+v", l.Resource, state)
+		}
+	}
+}
