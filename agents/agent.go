@@ -81,6 +81,12 @@ type Config struct {
 	// FenceMargin is m_a: the fencing deadline after an acknowledged renewal
 	// is TTL - FenceMargin from just before it was sent. Zero means TTL/5.
 	FenceMargin time.Duration
+	// FencePolicy is what happens to a running domain holding an exclusive
+	// lease when the fencing deadline passes; empty means FencePause.
+	FencePolicy FencePolicy
+	// FenceSocket, if set, is the unixgram socket where `loom fence` for
+	// this host listens: each acknowledged renewal's deadline is sent there.
+	FenceSocket string
 	// Logger receives the agent's logs; nil discards them.
 	Logger *slog.Logger
 	// Now stamps the events the agent writes; nil means time.Now. Delays and
@@ -113,6 +119,9 @@ func (cfg Config) withDefaults() Config {
 	}
 	if cfg.FenceMargin == 0 {
 		cfg.FenceMargin = cfg.TTL / 5
+	}
+	if cfg.FencePolicy == "" {
+		cfg.FencePolicy = FencePause
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -164,6 +173,11 @@ type Agent struct {
 	started atomic.Bool // Run was called
 	// fence is the fencing deadline the renewals keep ahead.
 	fence *fence
+	// fencerLog throttles the logs of a `loom fence` not listening.
+	fencerLog throttle
+	// lostWatermark is the LOOM_EVENTS sequence read when the agent learned
+	// its host had been declared lost: grants up to it are never used.
+	lostWatermark atomic.Uint64
 
 	// leasesUnchecked, set by a test, skips the lease check before define,
 	// start and resume: the protection switched off, to show what it guards.
@@ -221,16 +235,17 @@ func New(cfg Config) (*Agent, error) {
 	}
 	cfg = cfg.withDefaults()
 	return &Agent{
-		cfg:     cfg,
-		log:     cfg.Logger.With("component", "agent", "host", cfg.Host),
-		actor:   "agent:" + cfg.Host,
-		id:      ulid.MustNew(ulid.Now(), rand.Reader).String(),
-		metrics: newMetrics(cfg.Host),
-		queue:   newQueue(),
-		dialLog: throttle{period: time.Minute},
-		vms:     map[string]*vmRecord{},
-		fence:   newFence(),
-		orphans: map[string]events.HostOrphanFound{},
+		cfg:       cfg,
+		log:       cfg.Logger.With("component", "agent", "host", cfg.Host),
+		actor:     "agent:" + cfg.Host,
+		id:        ulid.MustNew(ulid.Now(), rand.Reader).String(),
+		metrics:   newMetrics(cfg.Host),
+		queue:     newQueue(),
+		dialLog:   throttle{period: time.Minute},
+		fencerLog: throttle{period: time.Minute},
+		vms:       map[string]*vmRecord{},
+		fence:     newFence(),
+		orphans:   map[string]events.HostOrphanFound{},
 	}, nil
 }
 
@@ -261,6 +276,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		work.Go(func() error { return a.runHypervisor(ctx) })
 		work.Go(func() error { return a.followGoals(ctx) })
 		work.Go(func() error { return a.resyncLoop(ctx) })
+		work.Go(func() error { return a.fenceLoop(ctx) })
 		return work.Wait()
 	})
 	return g.Wait()

@@ -189,8 +189,23 @@ func observations(t testing.TB, js jetstream.JetStream, host, vm string) []event
 	return out
 }
 
-// lastObserved is the last vm.observed of vm, if any.
+// lastObserved is the last vm.observed of vm, if any. It asks the leader
+// for the subject's last event first: polling it creates no consumer.
 func lastObserved(t testing.TB, js jetstream.JetStream, host, vm string) (events.VMObserved, bool) {
+	t.Helper()
+	if nc := js.Conn(); nc != nil {
+		m, err := bus.LastOnSubject(context.Background(), nc, events.StreamEvents, vmSubject(host, vm))
+		if errors.Is(err, bus.ErrNoMessage) {
+			return events.VMObserved{}, false
+		}
+		if err == nil {
+			if rec, err := events.DecodeRecord(m.Seq, m.Subject, m.Time, m.Data); err == nil {
+				if obs, ok := rec.Event.(events.VMObserved); ok {
+					return obs, true
+				}
+			}
+		}
+	}
 	obs := observations(t, js, host, vm)
 	if len(obs) == 0 {
 		return events.VMObserved{}, false

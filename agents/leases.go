@@ -56,6 +56,9 @@ func (a *Agent) leaseCurrent(ctx context.Context, holder string, l events.LeaseE
 		return events.Errorf(events.CodeLeaseNotCurrent, "%s grant on %s at epoch %d is not current: %s",
 			l.Mode, l.Resource, l.Epoch, fmt.Sprintf(why, args...))
 	}
+	if w := a.lostWatermark.Load(); l.Epoch <= w {
+		return notCurrent("this host was declared lost after it was granted (grants up to %d ended with the loss)", w)
+	}
 	x, err := lastOn(ctx, a, events.LeaseExclusiveSubject(r))
 	if err != nil {
 		return err

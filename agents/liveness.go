@@ -30,6 +30,7 @@ func (a *Agent) renewLoop(ctx context.Context) error {
 					a.metrics.renewals.WithLabelValues("lost").Inc()
 					a.log.Error("this host was declared lost while its agent was away; rejoining",
 						logSeq, standing.Seq, "renewal_seq", marker.RenewalSeq, "detector", marker.Detector)
+					a.noteLost(ctx)
 				}
 			} else if ok, skipped := log.allow(); ok && ctx.Err() == nil {
 				a.log.Warn("read liveness subject; retrying", logErr, err, logSkipped, skipped)
@@ -50,13 +51,14 @@ func (a *Agent) renewLoop(ctx context.Context) error {
 				}
 				last, known = standing.Seq, true
 				if marker, ok := standing.Message.(*events.LostMarker); ok {
-					// Declared lost: the next renewal rejoins under a new
-					// host epoch. TODO(loom): fence first (issue 3: pause
-					// the domains holding exclusive leases, resume none of
-					// them under the old epoch).
+					// Declared lost: the fencing deadline passed long ago
+					// (fenceLoop paused what held exclusive leases), and the
+					// grants made before now are never used again. The next
+					// renewal rejoins under a new host epoch.
 					a.metrics.renewals.WithLabelValues("lost").Inc()
 					a.log.Error("this host was declared lost: a lost marker superseded our renewal; rejoining",
 						logSeq, standing.Seq, "renewal_seq", marker.RenewalSeq, "detector", marker.Detector)
+					a.noteLost(ctx)
 					break
 				}
 				a.metrics.renewals.WithLabelValues("rejected").Inc()
@@ -116,13 +118,14 @@ func (a *Agent) renew(ctx context.Context, previous uint64) (uint64, error) {
 	msg := &nats.Msg{Subject: events.LivenessSubject(a.cfg.Host), Data: data, Header: nats.Header{}}
 	msg.Header.Set(events.HeaderType, events.LivenessRenewal)
 	// The fencing deadline counts from before the renewal left: whatever
-	// the round trip took is already spent. TODO(loom): hand it to `loom
-	// fence` too (issue 3).
-	sent := time.Now()
+	// the round trip took is already spent.
+	sent := BootNanos()
 	ack, err := bus.PublishExpecting(ctx, a.cfg.JS, msg, bus.Expect{Seq: previous})
 	if err != nil {
 		return 0, fmt.Errorf("renew: %w", err)
 	}
-	a.fence.extend(sent.Add(a.cfg.TTL - a.cfg.FenceMargin))
+	deadline := sent + int64(a.cfg.TTL-a.cfg.FenceMargin)
+	a.fence.extend(deadline)
+	a.tellFencer(deadline, ack.Seq)
 	return ack.Seq, nil
 }

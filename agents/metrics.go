@@ -17,6 +17,8 @@ type metrics struct {
 	renewals *prometheus.CounterVec
 	// fenced counts starts and resumes refused past the fencing deadline.
 	fenced prometheus.Counter
+	// fencedDomains counts domains paused or destroyed at the deadline.
+	fencedDomains prometheus.Counter
 	// leaseRefusals counts defines, starts and resumes refused because a
 	// grant the goal names was not current.
 	leaseRefusals prometheus.Counter
@@ -46,6 +48,10 @@ func newMetrics(host string) *metrics {
 		fenced: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "loom", Subsystem: "agent", Name: "fenced_steps_total", ConstLabels: labels,
 			Help: "Starts and resumes refused because the fencing deadline had passed.",
+		}),
+		fencedDomains: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "loom", Subsystem: "agent", Name: "fenced_domains_total", ConstLabels: labels,
+			Help: "Running domains holding an exclusive lease that the agent paused or destroyed when its fencing deadline passed.",
 		}),
 		leaseRefusals: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "loom", Subsystem: "agent", Name: "lease_refusals_total", ConstLabels: labels,
@@ -80,5 +86,5 @@ func (m *metrics) action(s step, err error) {
 // constant "host" label.
 func (a *Agent) Collectors() []prometheus.Collector {
 	m := a.metrics
-	return []prometheus.Collector{m.actions, m.observations, m.reconcileSeconds, m.renewals, m.fenced, m.leaseRefusals, m.conflicts, m.connected}
+	return []prometheus.Collector{m.actions, m.observations, m.reconcileSeconds, m.renewals, m.fenced, m.fencedDomains, m.leaseRefusals, m.conflicts, m.connected}
 }

@@ -212,7 +212,7 @@ func (a *Agent) execute(ctx context.Context, hv Hypervisor, goal events.Goal, uu
 			}
 			err = hv.Define(ctx, domainSpec(goal, uuid))
 		case stepStart, stepResume:
-			if fault := a.fence.check(time.Now()); fault != nil {
+			if fault := a.fence.check(BootNanos()); fault != nil {
 				a.metrics.fenced.Inc()
 				return fault
 			}
