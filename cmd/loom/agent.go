@@ -5,6 +5,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/loomctl/loom/agents"
 	"github.com/loomctl/loom/agents/libvirt"
 	"github.com/loomctl/loom/cmd/loom/plane"
 	"github.com/loomctl/loom/events"
@@ -44,6 +45,46 @@ and never creates or changes streams.`,
 	cmd.Flags().DurationVar(&cfg.FenceMargin, "fence-margin", 0, "m_a: the agent starts and resumes nothing once TTL minus this has passed since its last acknowledged renewal was sent (default TTL/5)")
 	cmd.Flags().DurationVar(&cfg.StopGrace, "stop-grace", 30*time.Second, "how long a guest has to power off before it is destroyed")
 	cmd.Flags().StringVar(&cfg.HTTPAddr, "http", "", "HTTP address for /metrics (empty: none)")
+	cmd.Flags().StringVar(&cfg.FenceSocket, "fence-socket", "", "unixgram socket of this host's `loom fence`, told every fencing deadline (empty: no fencer)")
+	cmd.Flags().StringVar((*string)(&cfg.FencePolicy), "fence-policy", string(agents.FencePause), "what the deadline does to a running domain holding an exclusive lease: pause or destroy")
+	cmd.Flags().BoolVarP(&verbose, "verbose", "v", false, "debug logging")
+	_ = cmd.MarkFlagRequired("host")
+	return cmd
+}
+
+func newFenceCommand() *cobra.Command {
+	var (
+		cfg     plane.FencerConfig
+		verbose bool
+	)
+	cmd := &cobra.Command{
+		Use:   "fence",
+		Short: "Run the fencing companion of a host agent",
+		Long: `loom fence runs beside loom agent on every host, with its own connection to
+libvirtd. The agent sends it the fencing deadline after every acknowledged
+liveness renewal; if a deadline passes with no newer one (the agent frozen,
+crashed or cut off from NATS), the fencer pauses (or destroys) every running
+domain, before the control plane could consider their leases expired. It
+never resumes anything: the agent does, under grants still current.
+
+If both the agent and the fencer freeze, nothing fences the host; only a
+hardware watchdog covers that.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := events.ValidateName("host", cfg.Host); err != nil {
+				return events.Errorf(events.CodeInvalidArgument, "--host: %v", err)
+			}
+			if !cfg.Policy.Valid() {
+				return events.Errorf(events.CodeInvalidArgument, "--policy %q: want pause or destroy", cfg.Policy)
+			}
+			return plane.RunFencer(cmd.Context(), cfg, newLogger(verbose))
+		},
+	}
+	cmd.Flags().StringVar(&cfg.Host, "host", "", "name of this host, as its agent knows it (required)")
+	cmd.Flags().StringVar(&cfg.Listen, "socket", "/run/loom/fence.sock", "unixgram socket to hear the agent's deadlines on (the agent's --fence-socket)")
+	cmd.Flags().StringVar(&cfg.Socket, "libvirt-socket", libvirt.DefaultSocket, "libvirtd's read-write unix socket")
+	cmd.Flags().StringVar(&cfg.URI, "libvirt", libvirt.DefaultURI, "libvirt driver URI")
+	cmd.Flags().StringVar((*string)(&cfg.Policy), "policy", string(agents.FencePause), "pause or destroy")
 	cmd.Flags().BoolVarP(&verbose, "verbose", "v", false, "debug logging")
 	_ = cmd.MarkFlagRequired("host")
 	return cmd

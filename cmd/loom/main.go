@@ -43,6 +43,7 @@ func newRoot() *cobra.Command {
 		newUpCommand(),
 		newServeCommand(),
 		newAgentCommand(client),
+		newFenceCommand(),
 		newHostCommand(client),
 		newImageCommand(client),
 		newLeaseCommand(client),

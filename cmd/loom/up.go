@@ -89,8 +89,13 @@ func runUp(ctx context.Context, cfg upConfig, out io.Writer) error {
 	})
 	for i, socket := range sockets {
 		name := hostName(i)
+		// Each host has its fencer beside its agent, as on a real host.
+		fence := filepath.Join(dirs[i], "fence.sock")
 		g.Go(func() error {
-			return plane.RunAgent(ctx, conn, plane.AgentConfig{Host: name, Socket: socket, URI: "test:///default", Simulated: true}, log)
+			return plane.RunFencer(ctx, plane.FencerConfig{Host: name, Socket: socket, URI: "test:///default", Listen: fence}, log)
+		})
+		g.Go(func() error {
+			return plane.RunAgent(ctx, conn, plane.AgentConfig{Host: name, Socket: socket, URI: "test:///default", Simulated: true, FenceSocket: fence}, log)
 		})
 	}
 	g.Go(func() error {

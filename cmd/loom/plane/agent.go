@@ -29,6 +29,10 @@ type AgentConfig struct {
 	TTL, FenceMargin, StopGrace time.Duration
 	// HTTPAddr serves the agent's /metrics; empty serves none.
 	HTTPAddr string
+	// FenceSocket is where `loom fence` listens (empty: no fencer);
+	// FencePolicy is pause or destroy.
+	FenceSocket string
+	FencePolicy agents.FencePolicy
 }
 
 // RunAgent runs a host agent until ctx ends. It dials libvirtd again
@@ -59,6 +63,7 @@ func RunAgent(ctx context.Context, conn *Connection, cfg AgentConfig, log *slog.
 			return c, nil
 		},
 		TTL: cfg.TTL, FenceMargin: cfg.FenceMargin, StopGrace: cfg.StopGrace,
+		FenceSocket: cfg.FenceSocket, FencePolicy: cfg.FencePolicy,
 		Logger: log.With("host", cfg.Host),
 	})
 	if err != nil {
@@ -91,4 +96,33 @@ func clearTestDomain(ctx context.Context, c *libvirt.Client) error {
 		return fmt.Errorf("clear the test driver's domain: %w", err)
 	}
 	return nil
+}
+
+// FencerConfig configures `loom fence` for one host.
+type FencerConfig struct {
+	Host string
+	// Socket is libvirtd's read-write unix socket; URI picks its driver.
+	Socket, URI string
+	// Listen is the unixgram socket the agent sends its deadlines to.
+	Listen string
+	Policy agents.FencePolicy
+}
+
+// RunFencer runs the fencer of one host until ctx ends.
+func RunFencer(ctx context.Context, cfg FencerConfig, log *slog.Logger) error {
+	lv := libvirt.Config{Socket: cfg.Socket, URI: cfg.URI}
+	f, err := agents.NewFencer(agents.FencerConfig{
+		Host: cfg.Host, Socket: cfg.Listen, Policy: cfg.Policy, Logger: log,
+		Dial: func(ctx context.Context) (agents.Hypervisor, error) {
+			c, err := libvirt.Dial(ctx, lv)
+			if err != nil {
+				return nil, err
+			}
+			return c, nil
+		},
+	})
+	if err != nil {
+		return err
+	}
+	return f.Run(ctx)
 }
