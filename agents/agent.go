@@ -175,6 +175,10 @@ type Agent struct {
 	fence *fence
 	// fencerLog throttles the logs of a `loom fence` not listening.
 	fencerLog throttle
+	// leases are the subscriptions to the leases the goals name;
+	// unwatched, set by a test, subscribes to none.
+	leases    leaseWatch
+	unwatched bool
 	// lostWatermark is the LOOM_EVENTS sequence read when the agent learned
 	// its host had been declared lost: grants up to it are never used.
 	lostWatermark atomic.Uint64
@@ -226,6 +230,9 @@ type vmRecord struct {
 	lastDrift time.Time
 	// lastProgress is when the last progress report was published.
 	lastProgress time.Time
+	// leaseChanged is set when an event on a lease the goal names arrived
+	// since the last reconcile (notify.go).
+	leaseChanged bool
 }
 
 // New makes an Agent from cfg. It starts nothing: call Run.
@@ -258,6 +265,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if !a.started.CompareAndSwap(false, true) {
 		return errors.New("agent: Run called twice")
 	}
+	defer a.stopLeaseWatch()
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return a.renewLoop(ctx) })
 	g.Go(func() error {
@@ -338,6 +346,7 @@ func (a *Agent) resyncLoop(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-ticker.C:
+			a.pruneLeaseWatch()
 			a.enqueueAll()
 		}
 	}

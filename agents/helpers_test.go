@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -126,10 +127,21 @@ func countReconciles(vm string) (func(*Agent), *atomic.Int64) {
 func publishGoal(t testing.TB, js jetstream.JetStream, goal events.Goal) {
 	t.Helper()
 	if goal.Leases == nil && goal.Desired != events.DesiredAbsent {
-		goal.Leases = grantLeases(t, js, goal)
+		key := fmt.Sprintf("%p/%s/%s/%s", js, goal.Host, goal.VM, goal.UID)
+		if held, ok := grantsHeld.Load(key); ok {
+			goal.Leases = held.([]events.LeaseEpoch)
+		} else {
+			goal.Leases = grantLeases(t, js, goal)
+			grantsHeld.Store(key, goal.Leases)
+		}
 	}
 	publishGoalAsIs(t, js, goal)
 }
+
+// grantsHeld are the grants publishGoal took for each VM incarnation on
+// each host of each stream: its later goals run under the same ones, as
+// the control plane's would.
+var grantsHeld sync.Map
 
 // publishGoalAsIs publishes goal as it is.
 func publishGoalAsIs(t testing.TB, js jetstream.JetStream, goal events.Goal) {

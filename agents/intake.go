@@ -145,6 +145,7 @@ func (a *Agent) onGoal(subject, incarnationHeader string, data []byte) {
 		return
 	}
 	a.log.Debug("goal", logVM, goal.VM, logIncarnation, goal.Incarnation, "desired", goal.Desired)
+	a.watchLeases(goal)
 	a.queue.add(goal.VM, time.Time{})
 	if orphan {
 		a.queue.add(orphanScanKey, time.Time{}) // it has a goal now: clear it

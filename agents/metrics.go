@@ -19,6 +19,8 @@ type metrics struct {
 	fenced prometheus.Counter
 	// fencedDomains counts domains paused or destroyed at the deadline.
 	fencedDomains prometheus.Counter
+	// leaseRefreshes counts lease events heard for resources in use.
+	leaseRefreshes *prometheus.CounterVec
 	// leaseRefusals counts defines, starts and resumes refused because a
 	// grant the goal names was not current.
 	leaseRefusals prometheus.Counter
@@ -53,6 +55,10 @@ func newMetrics(host string) *metrics {
 			Namespace: "loom", Subsystem: "agent", Name: "fenced_domains_total", ConstLabels: labels,
 			Help: "Running domains holding an exclusive lease that the agent paused or destroyed when its fencing deadline passed.",
 		}),
+		leaseRefreshes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "loom", Subsystem: "agent", Name: "lease_refreshes_total", ConstLabels: labels,
+			Help: "Lease events heard on resources this host's VMs use, each refreshing those VMs, by event type.",
+		}, []string{"type"}),
 		leaseRefusals: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "loom", Subsystem: "agent", Name: "lease_refusals_total", ConstLabels: labels,
 			Help: "Defines, starts and resumes refused because a lease grant the goal names was not current.",
@@ -86,5 +92,5 @@ func (m *metrics) action(s step, err error) {
 // constant "host" label.
 func (a *Agent) Collectors() []prometheus.Collector {
 	m := a.metrics
-	return []prometheus.Collector{m.actions, m.observations, m.reconcileSeconds, m.renewals, m.fenced, m.fencedDomains, m.leaseRefusals, m.conflicts, m.connected}
+	return []prometheus.Collector{m.actions, m.observations, m.reconcileSeconds, m.renewals, m.fenced, m.fencedDomains, m.leaseRefreshes, m.leaseRefusals, m.conflicts, m.connected}
 }

@@ -98,8 +98,9 @@ func (a *Agent) reconcile(ctx context.Context, name string) {
 		return
 	}
 	rec := *v
+	v.leaseChanged = false // this reconcile looks at it
 	a.mu.Unlock()
-	if time.Now().Before(rec.holdUntil) {
+	if time.Now().Before(rec.holdUntil) && !rec.leaseChanged {
 		a.queue.add(name, rec.holdUntil)
 		return
 	}
@@ -167,6 +168,22 @@ func (a *Agent) reconcileGoal(ctx context.Context, name string, v vmRecord) (con
 			"domain %s has UUID %s, not the VM's %s; the agent leaves it alone", name, formatUUID(dom.UUID), goal.UID)))
 	}
 	seen := observedState(dom, found)
+	if v.leaseChanged && found && (dom.State == libvirt.StateRunning || dom.State == libvirt.StatePaused) {
+		if fault := a.leaseStillHeld(ctx, goal); fault != nil {
+			// Its grant was revoked under it (broken, expired): stop
+			// writing at once, and say why.
+			a.log.Warn("lease revoked under a running domain: destroying it", logVM, name, logErr, fault)
+			err := hv.Destroy(ctx, name)
+			a.metrics.action(stepDestroy, err)
+			if err != nil {
+				return true, a.fail(ctx, name, goal, err)
+			}
+			// Stopped, under the grants it ran under: what lets the
+			// control plane complete a forced break.
+			return true, a.observe(ctx, name, events.VMObserved{UID: goal.UID, Incarnation: goal.Incarnation,
+				State: events.ObservedStopped, Fault: fault, Leases: goal.Leases})
+		}
+	}
 	if drifted(v, seen) {
 		// The domain changed by itself: say so, then put it back.
 		unrequested := events.VMObserved{UID: goal.UID, Incarnation: goal.Incarnation, State: seen, Unrequested: true, Leases: goal.Leases}

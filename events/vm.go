@@ -154,6 +154,8 @@ type Observation struct {
 	Incarnation uint64        `msgpack:"incarnation,omitempty" json:"incarnation,omitempty"`
 	State       ObservedState `msgpack:"state,omitempty" json:"state,omitempty"`
 	Fault       *Fault        `msgpack:"fault,omitempty" json:"fault,omitempty"`
+	// Leases are the grants the agent acted under.
+	Leases []LeaseEpoch `msgpack:"leases,omitempty" json:"leases,omitempty"`
 	// Seq is the stream sequence of the observation.
 	Seq uint64 `msgpack:"seq,omitempty" json:"seq,omitempty"`
 	// Time is the agent's clock at the observation.
@@ -239,7 +241,7 @@ func (s *VMState) applyObservation(rec *Record, ev VMObserved) error {
 		return fmt.Errorf("%w: vm %s on %s reported under %v, it runs under %v", ErrStaleEpoch, s.Name, addr.Host, ev.Leases, s.Leases)
 	}
 	s.Observed = Observation{Host: addr.Host, Incarnation: ev.Incarnation, State: ev.State, Fault: ev.Fault,
-		Seq: rec.Seq, Time: rec.Envelope.Time}
+		Leases: ev.Leases, Seq: rec.Seq, Time: rec.Envelope.Time}
 	if s.Phase == PhaseDeleting && ev.State == ObservedAbsent && ev.Incarnation >= s.Incarnation {
 		s.Phase = PhaseGone
 	}

@@ -14,13 +14,24 @@ import (
 // vm's domain for its goal at incarnation.
 func observeAbsent(t *testing.T, r *replica, host, vm, uid string, incarnation uint64) {
 	t.Helper()
+	observe(t, r, host, vm, events.VMObserved{UID: uid, Incarnation: incarnation, State: events.ObservedAbsent})
+}
+
+// observe publishes an observation as the agent of host would.
+func observe(t *testing.T, r *replica, host, vm string, obs events.VMObserved) {
+	t.Helper()
 	subject := events.ObservationSubject(host, events.KindVM, vm)
-	env, data, err := events.Seal(events.VMObserved{UID: uid, Incarnation: incarnation, State: events.ObservedAbsent},
-		events.KindVM, vm, events.Origin{Actor: "agent:" + host, Time: time.Now()}, 0, nil)
+	ctx := context.Background()
+	var prev []byte
+	last, err := bus.LastOnSubject(ctx, r.nc, events.StreamEvents, subject)
+	if err == nil {
+		prev = events.Hash(last.Data)
+	}
+	env, data, err := events.Seal(obs, events.KindVM, vm, events.Origin{Actor: "agent:" + host, Time: time.Now()}, 0, prev)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := bus.AppendExpecting(context.Background(), r.js, subject, &env, data, bus.Expect{Seq: 0}, ""); err != nil {
+	if _, err := bus.AppendExpecting(ctx, r.js, subject, &env, data, bus.Expect{Seq: last.Seq}, ""); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 
 	"github.com/loomctl/loom/events"
@@ -172,6 +173,78 @@ func (s *Service) leaveStopped(ctx context.Context, vm events.VMState, h events.
 	})
 	if fault != nil {
 		return fault
+	}
+	return nil
+}
+
+// completeBreaks ends every grant an operator marked breaking once its
+// holder can no longer write: its host was declared lost, or its VM's
+// agent reported the domain stopped (or refused to run it) under that
+// grant's epoch.
+func (s *Service) completeBreaks(ctx context.Context, hosts []events.HostState, vms []events.VMState, grants []events.LeaseGrant) error {
+	lost := map[string]bool{}
+	for _, h := range hosts {
+		lost[h.Name] = h.Lost
+	}
+	byName := make(map[string]events.VMState, len(vms))
+	for _, vm := range vms {
+		byName[vm.Name] = vm
+	}
+	var errs []error
+	for _, g := range grants {
+		if !g.Breaking {
+			continue
+		}
+		var reason string
+		switch vm, ok := byName[g.VM]; {
+		case lost[g.Host]:
+			reason = "host " + g.Host + " was declared lost"
+		case ok && vm.UID == g.ID && stoppedUnder(vm.Observed, g):
+			reason = "its agent reported the domain " + string(vm.Observed.State) + " under epoch " + strconv.FormatUint(g.Epoch, 10)
+		default:
+			continue
+		}
+		if err := s.completeBreak(ctx, g, reason); err != nil {
+			errs = append(errs, fmt.Errorf("break %s of %s: %w", g.Resource, g.ID, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// stoppedUnder tells whether obs says the domain cannot write under g:
+// stopped, gone or crashed, or refused to run because g is not current.
+func stoppedUnder(obs events.Observation, g events.LeaseGrant) bool {
+	if !slices.Contains(obs.Leases, events.LeaseEpoch{Resource: g.Resource, Mode: g.Mode, Epoch: g.Epoch}) {
+		return false
+	}
+	switch obs.State {
+	case events.ObservedStopped, events.ObservedAbsent, events.ObservedCrashed:
+		return true
+	case events.ObservedFailed:
+		return obs.Fault != nil && obs.Fault.Code == events.CodeLeaseNotCurrent
+	}
+	return false
+}
+
+// completeBreak appends lease.broken for g, as the scheduler.
+func (s *Service) completeBreak(ctx context.Context, g events.LeaseGrant, reason string) error {
+	r, err := events.ParseResource(g.Resource)
+	if err != nil {
+		return err
+	}
+	c := newCommand(schedulerActor, fmt.Sprintf("break-%s-%d", g.Resource, g.Epoch), "", events.Origin{Time: s.cfg.Now()})
+	a, fault := s.endLease(ctx, c, r, g.ID, func(cur events.LeaseGrant, _ events.HostState) (events.Event, *events.Fault) {
+		if cur.Epoch != g.Epoch || !cur.Breaking {
+			return nil, nil
+		}
+		return events.LeaseBroken{Holder: g.ID, Epoch: g.Epoch, Reason: reason}, nil
+	})
+	if fault != nil && fault.Code != events.CodeLeaseNotFound {
+		return fault
+	}
+	if a != nil {
+		s.metrics.scheduled.WithLabelValues("lease-broken").Inc()
+		s.log.Warn("forced break took effect", "resource", g.Resource, "holder", g.ID, "epoch", g.Epoch, keyReason, reason)
 	}
 	return nil
 }

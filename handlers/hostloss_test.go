@@ -106,3 +106,37 @@ func TestHostLoss_LeaveStoppedPolicy(t *testing.T) {
 		}
 	}
 }
+
+// A forced break of a running VM's disk lease marks it breaking; the
+// grant ends only once the VM's agent reports the domain stopped under
+// it, and nobody may take the disk before.
+func TestBreak_ForcedCompletesWhenTheHolderStops(t *testing.T) {
+	b, r, _ := schedulerFixture(t)
+	ctx := context.Background()
+	if reply := call(t, r.nc, events.KindVM, events.VerbCreate, events.FormatMsgpack, "alice", createCmd("web", "c1", 1, 512)); reply.Error != nil {
+		t.Fatal(reply.Error)
+	}
+	caughtUp(t, b, r)
+	vm, _, _ := r.reader.VM(ctx, "web")
+	observe(t, r, vm.Host, "web", events.VMObserved{UID: vm.UID, Incarnation: vm.Incarnation, State: events.ObservedRunning, Leases: vm.Leases})
+	br := lease(t, r.nc, events.VerbBreak, &events.BreakLease{CommandMeta: events.CommandMeta{CommandID: "b1"}, Resource: "disk/web", Holder: vm.UID, Force: true})
+	if br.Error != nil {
+		t.Fatal(br.Error)
+	}
+	reconcile(t, b, r)
+	state, _ := r.reader.Lease(ctx, "disk/web")
+	if !state.Exclusive.Breaking {
+		t.Fatalf("a break completed while the domain runs: %+v", state)
+	}
+	wantCode(t, "taking a breaking disk", lease(t, r.nc, events.VerbAcquire, acquireCmd("take", "disk/web", events.LeaseExclusive, "other", "h2")), events.CodeLeaseHeld)
+
+	fault := events.Errorf(events.CodeLeaseNotCurrent, "revoked")
+	observe(t, r, vm.Host, "web", events.VMObserved{UID: vm.UID, Incarnation: vm.Incarnation, State: events.ObservedStopped, Fault: fault, Leases: vm.Leases})
+	reconcile(t, b, r)
+	if state, _ := r.reader.Lease(ctx, "disk/web"); state.Exclusive.Epoch != 0 {
+		t.Fatalf("the break did not complete once the domain stopped: %+v", state.Exclusive)
+	}
+	if x := lease(t, r.nc, events.VerbAcquire, acquireCmd("take2", "disk/web", events.LeaseExclusive, "other", "h2")); x.Error != nil {
+		t.Fatalf("the disk after the break: %v", x.Error)
+	}
+}

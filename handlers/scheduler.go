@@ -94,6 +94,7 @@ func (s *Service) ReconcileOnce(ctx context.Context) error {
 	errs = append(errs, s.releaseOrphanLeases(ctx, grants, vms))
 	errs = append(errs, s.expireLostLeases(ctx, hosts, grants))
 	errs = append(errs, s.evacuate(ctx, hosts, vms, grants))
+	errs = append(errs, s.completeBreaks(ctx, hosts, vms, grants))
 	return errors.Join(errs...)
 }
 
