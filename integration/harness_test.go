@@ -237,9 +237,14 @@ func or(a, b string) string {
 // query asks a read model: the get verb of kind, reflecting at least
 // q.MinSeq.
 func (f *fleet) query(kind events.Kind, q events.Query) (events.QueryReply, error) {
+	return f.ask(kind, events.VerbGet, q)
+}
+
+// ask sends query verb on kind.
+func (f *fleet) ask(kind events.Kind, verb string, q events.Query) (events.QueryReply, error) {
 	f.t.Helper()
 	data, _ := events.Marshal(q)
-	resp, err := f.conn.Conn.Request(events.QuerySubject(kind, events.VerbGet), data, 10*time.Second)
+	resp, err := f.conn.Conn.Request(events.QuerySubject(kind, verb), data, 10*time.Second)
 	if err != nil {
 		return events.QueryReply{}, err
 	}

@@ -9,7 +9,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -78,5 +80,24 @@ func repoRoot(t testing.TB) string {
 			t.Fatalf("find repo root: no go.mod above the working directory")
 		}
 		dir = parent
+	}
+}
+
+// Kill kills the libvirtd serving socket with SIGKILL, as a crash would:
+// the domains of its test driver die with it. StartDaemon's cleanup then
+// finds it gone.
+func Kill(t testing.TB, socket string) {
+	t.Helper()
+	dir := filepath.Dir(filepath.Dir(socket))
+	data, err := os.ReadFile(filepath.Join(dir, "libvirtd.pid"))
+	if err != nil {
+		t.Fatalf("kill libvirtd of %s: %v", socket, err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
+	if err != nil {
+		t.Fatalf("kill libvirtd of %s: pid file: %v", socket, err)
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatalf("kill libvirtd %d: %v", pid, err)
 	}
 }
