@@ -87,6 +87,14 @@ type Config struct {
 	// FenceSocket, if set, is the unixgram socket where `loom fence` for
 	// this host listens: each acknowledged renewal's deadline is sent there.
 	FenceSocket string
+	// ClockRate scales every span the agent measures on its own clock (its
+	// fencing deadline): above 1 it models a clock running slow, which
+	// believes less time passed than did. Zero means 1. For tests of the
+	// margins' inequality; never set it in production.
+	ClockRate float64
+	// Unsafe switches protections off, for the tests that show what each
+	// guards: never set it in production.
+	Unsafe Unsafe
 	// Logger receives the agent's logs; nil discards them.
 	Logger *slog.Logger
 	// Now stamps the events the agent writes; nil means time.Now. Delays and
@@ -122,6 +130,9 @@ func (cfg Config) withDefaults() Config {
 	}
 	if cfg.FencePolicy == "" {
 		cfg.FencePolicy = FencePause
+	}
+	if cfg.ClockRate == 0 {
+		cfg.ClockRate = 1
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -175,17 +186,12 @@ type Agent struct {
 	fence *fence
 	// fencerLog throttles the logs of a `loom fence` not listening.
 	fencerLog throttle
-	// leases are the subscriptions to the leases the goals name;
-	// unwatched, set by a test, subscribes to none.
-	leases    leaseWatch
-	unwatched bool
+	// leases are the subscriptions to the leases the goals name.
+	leases leaseWatch
 	// lostWatermark is the LOOM_EVENTS sequence read when the agent learned
 	// its host had been declared lost: grants up to it are never used.
 	lostWatermark atomic.Uint64
 
-	// leasesUnchecked, set by a test, skips the lease check before define,
-	// start and resume: the protection switched off, to show what it guards.
-	leasesUnchecked bool
 	// onReconciled, when set (tests), is called after each reconcile of a VM
 	// that had a connection to libvirtd.
 	onReconciled func(vm string)
@@ -241,7 +247,7 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	cfg = cfg.withDefaults()
-	return &Agent{
+	a := &Agent{
 		cfg:       cfg,
 		log:       cfg.Logger.With("component", "agent", "host", cfg.Host),
 		actor:     "agent:" + cfg.Host,
@@ -253,7 +259,9 @@ func New(cfg Config) (*Agent, error) {
 		vms:       map[string]*vmRecord{},
 		fence:     newFence(),
 		orphans:   map[string]events.HostOrphanFound{},
-	}, nil
+	}
+	a.fence.off = cfg.Unsafe.NoFence
+	return a, nil
 }
 
 // Run runs the agent until ctx ends: it renews the host's liveness, reads

@@ -24,7 +24,8 @@ type fence struct {
 	once  sync.Once
 	// extended receives a token whenever the deadline moves.
 	extended chan struct{}
-	// off switches the fence off, for the test that shows what it guards.
+	// off switches the fence off (Unsafe.NoFence), for the tests that show
+	// what it guards.
 	off bool
 }
 

@@ -93,7 +93,7 @@ type FenceMessage struct {
 // never blocks the renewal: a fencer that is not there is logged, at most
 // once a minute.
 func (a *Agent) tellFencer(deadline int64, seq uint64) {
-	if a.cfg.FenceSocket == "" {
+	if a.cfg.FenceSocket == "" || a.cfg.Unsafe.NoFence {
 		return
 	}
 	data, _ := json.Marshal(FenceMessage{Host: a.cfg.Host, Deadline: deadline, RenewalSeq: seq})

@@ -77,3 +77,15 @@ func BootNanos() int64 {
 func untilBoot(at int64, now func() int64) time.Duration {
 	return time.Duration(at - now())
 }
+
+// Unsafe switches an agent's protections off, one by one, so that a test
+// can show what each guards. Production code never sets any.
+type Unsafe struct {
+	// NoFence: start and resume past the fencing deadline, pause nothing
+	// at it, and tell no fencer.
+	NoFence bool
+	// NoLeaseCheck: define, start and resume without checking the grants.
+	NoLeaseCheck bool
+	// NoLeaseWatch: subscribe to no lease changes.
+	NoLeaseWatch bool
+}

@@ -27,7 +27,7 @@ import (
 // checkLeases returns a lease_not_current fault unless every grant goal
 // names is current; an unavailable fault when the leader cannot be asked.
 func (a *Agent) checkLeases(ctx context.Context, goal events.Goal) *events.Fault {
-	if a.leasesUnchecked {
+	if a.cfg.Unsafe.NoLeaseCheck {
 		return nil
 	}
 	if len(goal.Leases) == 0 {

@@ -37,7 +37,7 @@ func TestAgent_RefusesToStartUnderAGrantNoLongerCurrent(t *testing.T) {
 			t.Run(fmt.Sprintf("%s/checked=%v", name, checked), func(t *testing.T) {
 				t.Parallel()
 				s := newFakeSetup(t, "h1")
-				startAgent(t, s.cfg, func(a *Agent) { a.leasesUnchecked = !checked })
+				startAgent(t, s.cfg, func(a *Agent) { a.cfg.Unsafe.NoLeaseCheck = !checked })
 				goal := goalOf("h1", "vm1", events.DeriveUID("t", "vm1"), events.DesiredRunning, 10)
 				goal.Leases = grantLeases(t, s.bus.JS, goal)
 				publishGoal(t, s.bus.JS, goal)

@@ -124,7 +124,7 @@ func (a *Agent) renew(ctx context.Context, previous uint64) (uint64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("renew: %w", err)
 	}
-	deadline := sent + int64(a.cfg.TTL-a.cfg.FenceMargin)
+	deadline := sent + int64(float64(a.cfg.TTL-a.cfg.FenceMargin)*a.cfg.ClockRate)
 	a.fence.extend(deadline)
 	a.tellFencer(deadline, ack.Seq)
 	return ack.Seq, nil

@@ -31,7 +31,7 @@ type leaseWatch struct {
 // watchLeases subscribes to the resources goal runs under that are not
 // watched yet.
 func (a *Agent) watchLeases(goal events.Goal) {
-	if a.unwatched {
+	if a.cfg.Unsafe.NoLeaseWatch {
 		return
 	}
 	a.leases.mu.Lock()

@@ -18,7 +18,7 @@ func TestAgent_LeaseChangesReachTheAgent(t *testing.T) {
 	for _, watched := range []bool{true, false} {
 		t.Run(fmt.Sprintf("watched=%v", watched), func(t *testing.T) {
 			s := newFakeSetup(t, "h1")
-			a := startAgent(t, s.cfg, func(a *Agent) { a.unwatched = !watched })
+			a := startAgent(t, s.cfg, func(a *Agent) { a.cfg.Unsafe.NoLeaseWatch = !watched })
 			goal := goalOf("h1", "vm1", events.DeriveUID("t", "vm1"), events.DesiredRunning, 10)
 			goal.Leases = grantLeases(t, s.bus.JS, goal)
 			publishGoal(t, s.bus.JS, goal)

@@ -48,6 +48,14 @@ and never creates or changes streams.`,
 	cmd.Flags().StringVar(&cfg.FenceSocket, "fence-socket", "", "unixgram socket of this host's `loom fence`, told every fencing deadline (empty: no fencer)")
 	cmd.Flags().StringVar((*string)(&cfg.FencePolicy), "fence-policy", string(agents.FencePause), "what the deadline does to a running domain holding an exclusive lease: pause or destroy")
 	cmd.Flags().BoolVarP(&verbose, "verbose", "v", false, "debug logging")
+	// Fault injection and protections off, for the safety tests only.
+	cmd.Flags().DurationVar(&cfg.ClockOffset, "test-clock-offset", 0, "shift the agent's wall clock (tests only)")
+	cmd.Flags().Float64Var(&cfg.ClockRate, "test-clock-rate", 1, "scale the spans the agent measures; above 1 models a slow clock (tests only)")
+	cmd.Flags().BoolVar(&cfg.Unsafe.NoFence, "unsafe-no-fence", false, "switch fencing off (tests only: shows what it guards)")
+	cmd.Flags().BoolVar(&cfg.Unsafe.NoLeaseCheck, "unsafe-no-lease-check", false, "switch the lease check off (tests only)")
+	for _, name := range []string{"test-clock-offset", "test-clock-rate", "unsafe-no-fence", "unsafe-no-lease-check"} {
+		_ = cmd.Flags().MarkHidden(name)
+	}
 	_ = cmd.MarkFlagRequired("host")
 	return cmd
 }

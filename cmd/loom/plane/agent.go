@@ -33,6 +33,13 @@ type AgentConfig struct {
 	// FencePolicy is pause or destroy.
 	FenceSocket string
 	FencePolicy agents.FencePolicy
+	// ClockOffset shifts the agent's wall clock (the times on its events)
+	// and ClockRate scales the spans it measures: injected clock faults,
+	// for the safety tests. Unsafe switches protections off, for the tests
+	// that show what each guards.
+	ClockOffset time.Duration
+	ClockRate   float64
+	Unsafe      agents.Unsafe
 }
 
 // RunAgent runs a host agent until ctx ends. It dials libvirtd again
@@ -64,6 +71,8 @@ func RunAgent(ctx context.Context, conn *Connection, cfg AgentConfig, log *slog.
 		},
 		TTL: cfg.TTL, FenceMargin: cfg.FenceMargin, StopGrace: cfg.StopGrace,
 		FenceSocket: cfg.FenceSocket, FencePolicy: cfg.FencePolicy,
+		ClockRate: cfg.ClockRate, Unsafe: cfg.Unsafe,
+		Now:    func() time.Time { return time.Now().Add(cfg.ClockOffset) },
 		Logger: log.With("host", cfg.Host),
 	})
 	if err != nil {
