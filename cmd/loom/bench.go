@@ -32,6 +32,11 @@ func newBenchCommand() *cobra.Command {
 		Long: `loom bench measures, in one run, on this machine:
   create    vm.create commands/s with --clients concurrent clients over TCP loopback,
             against raw JetStream publishes with expected-subject-sequence at the same concurrency
+  lease     lease acquire+release pairs/s with --clients concurrent clients over TCP loopback,
+            shared grants of one image and exclusive grants of an image each, against raw
+            expected-subject-sequence publish pairs at the same concurrency; again with --sync always
+            if it is not already; and, with sync always, atomic batches of --clients checked
+            messages (a group commit) against as many single synced publishes
   rebuild   projection rebuild events/s over --events events, against a raw ordered-consumer
             replay that only decodes
   converge  command accepted -> agent observed converged, p50 and p99, with --vms VMs on the
@@ -43,8 +48,8 @@ Every part starts its own embedded NATS in a temporary directory. Needs root for
 			return runBench(cmd.Context(), cfg, cmd.OutOrStdout())
 		},
 	}
-	cmd.Flags().StringVar(&cfg.only, "only", "", "run one part: create, rebuild, converge or memory")
-	cmd.Flags().IntVar(&cfg.clients, "clients", 16, "concurrent clients for create")
+	cmd.Flags().StringVar(&cfg.only, "only", "", "run one part: create, lease, rebuild, converge or memory")
+	cmd.Flags().IntVar(&cfg.clients, "clients", 16, "concurrent clients for create and lease")
 	cmd.Flags().DurationVar(&cfg.duration, "duration", 10*time.Second, "how long each throughput run lasts")
 	cmd.Flags().IntVar(&cfg.events, "events", 1_000_000, "events for rebuild")
 	cmd.Flags().IntVar(&cfg.vms, "vms", 1000, "VMs for converge")
@@ -63,6 +68,7 @@ type benchPart struct {
 func runBench(ctx context.Context, cfg benchConfig, w io.Writer) error {
 	parts := []benchPart{
 		{"create", benchCreate},
+		{"lease", benchLease},
 		{"rebuild", benchRebuild},
 		{"converge", benchConverge},
 		{"memory", benchMemory},
