@@ -122,8 +122,24 @@ func (s *Service) acquire(ctx context.Context, c *command, index int, r events.R
 		}
 		if g, ok := state.Grant(mode, holder.ID); ok && !g.Void && g.Host == holder.Host {
 			// Held already: by an earlier attempt of this command, or by
-			// another command of the same holder. Either way it holds.
-			return s.recorded(ctx, c, g.Epoch)
+			// another command of the same holder. Either way it holds, if
+			// the read is not stale: an exclusive view waited for the
+			// resource's last event; a shared one asks the leader whether
+			// the grant is still its subject's last.
+			if mode == events.LeaseExclusive {
+				return s.recorded(ctx, c, g.Epoch)
+			}
+			last, err := lastOn(ctx, s, subject)
+			if err != nil {
+				return nil, unavailable("read last of "+subject, err)
+			}
+			if last == g.Epoch {
+				return s.recorded(ctx, c, g.Epoch)
+			}
+			if err := s.cfg.Reader.WaitFor(ctx, last); err != nil {
+				return nil, lagging(last, err)
+			}
+			continue
 		}
 		if fault := s.checkResource(ctx, r, &state, internal); fault != nil {
 			return nil, fault
@@ -173,15 +189,16 @@ func (s *Service) acquireView(ctx context.Context, r events.Resource, mode event
 		}
 		expect = bus.Expect{Subject: events.LeaseWildcard(r), Seq: last}
 	}
-	state, err := s.cfg.Reader.Lease(ctx, r.String())
-	if err != nil {
-		return expect, events.Head{}, state, unavailable("read lease "+r.String(), err)
-	}
+	// The head before the state, as in endLease.
 	head, err := s.cfg.Reader.Head(ctx, subject)
 	if err != nil {
-		return expect, head, state, unavailable("read head of "+subject, err)
+		return expect, head, events.LeaseState{}, unavailable("read head of "+subject, err)
 	}
-	if mode == events.LeaseShared || s.narrowExclusiveCheck {
+	state, err := s.cfg.Reader.Lease(ctx, r.String())
+	if err != nil {
+		return expect, head, state, unavailable("read lease "+r.String(), err)
+	}
+	if mode == events.LeaseShared || s.cfg.Unsafe.NarrowExclusiveCheck {
 		expect = bus.Expect{Seq: head.Seq}
 	}
 	return expect, head, state, nil
@@ -331,12 +348,28 @@ func (s *Service) endLease(ctx context.Context, c *command, r events.Resource, h
 		if recorded, fault := s.leaseRecorded(ctx, c, ""); fault != nil || recorded != nil {
 			return recorded, fault
 		}
+		// The heads are read before the state: the state is then at least
+		// as new as the head the append expects, so a state newer than
+		// that head makes the append fail and the step is decided again;
+		// the other order could append on a head newer than the state
+		// decided on.
+		heads := map[events.LeaseMode]events.Head{}
+		for _, m := range []events.LeaseMode{events.LeaseExclusive, events.LeaseShared} {
+			subject := events.LeaseSubject(r, m, holder)
+			h, err := s.cfg.Reader.Head(ctx, subject)
+			if err != nil {
+				return nil, unavailable("read head of "+subject, err)
+			}
+			heads[m] = h
+		}
 		state, err := s.cfg.Reader.Lease(ctx, r.String())
 		if err != nil {
 			return nil, unavailable("read lease "+r.String(), err)
 		}
+		// A void shared grant was never held: there is nothing to end.
 		mode := events.LeaseShared
 		g, ok := state.Grant(mode, holder)
+		ok = ok && !g.Void
 		if !ok {
 			mode = events.LeaseExclusive
 			g, ok = state.Grant(mode, holder)
@@ -360,11 +393,7 @@ func (s *Service) endLease(ctx context.Context, c *command, r events.Resource, h
 			}
 			return nil, fault
 		}
-		subject := events.LeaseSubject(r, mode, holder)
-		head, err := s.cfg.Reader.Head(ctx, subject)
-		if err != nil {
-			return nil, unavailable("read head of "+subject, err)
-		}
+		subject, head := events.LeaseSubject(r, mode, holder), heads[mode]
 		appended, retry, fault := s.appendLease(ctx, c, leaseStep, r, subject, ev, head, bus.Expect{Seq: head.Seq})
 		if fault != nil || !retry {
 			return appended, fault

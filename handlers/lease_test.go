@@ -179,7 +179,7 @@ func TestLease_ConcurrentGrantsNeverOverlap(t *testing.T) {
 	t.Run("control: exclusive grants check only their own subject", func(t *testing.T) {
 		for round := range 20 {
 			narrow := func(s *Service) {
-				s.narrowExclusiveCheck = true
+				s.cfg.Unsafe.NarrowExclusiveCheck = true
 				s.cfg.Reader.(*memReader).setLenient()
 			}
 			if v := raceLeases(t, narrow); v != "" {

@@ -80,6 +80,9 @@ type Config struct {
 	ReconcileInterval time.Duration
 	// CacheSize bounds the cached VMs; zero means DefaultCacheSize.
 	CacheSize int
+	// Unsafe switches protections off, for the tests that show what each
+	// guards: never set it in production.
+	Unsafe Unsafe
 	// DetectorMargin is m_d, how long past a renewal's TTL the failure
 	// detector waits before it claims a host lost; zero means
 	// DefaultDetectorMargin.
@@ -122,6 +125,13 @@ func (c *Config) setDefaults() {
 	c.DetectInterval = cmp.Or(c.DetectInterval, DefaultDetectInterval)
 }
 
+// Unsafe switches protections of the handlers off, one by one.
+type Unsafe struct {
+	// NarrowExclusiveCheck makes an exclusive grant check only its own
+	// subject instead of the whole resource.
+	NarrowExclusiveCheck bool
+}
+
 // Service serves Loom's commands: it decides each against current state and
 // appends the events with optimistic concurrency. Add its endpoints to a
 // micro service with AddEndpoints, run its scheduler with RunScheduler, and
@@ -141,10 +151,7 @@ type Service struct {
 	// check protects.
 	markerHook      func(host string)
 	unfencedMarkers bool
-	// narrowExclusiveCheck, set by a test, makes an exclusive grant check
-	// only its own subject instead of the whole resource: the protection
-	// switched off, to show that the test of it fails.
-	narrowExclusiveCheck bool
+
 	// detectorPasses counts the failure detector's passes, for tests.
 	detectorPasses atomic.Int64
 

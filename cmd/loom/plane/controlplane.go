@@ -30,6 +30,9 @@ type ControlPlaneConfig struct {
 	HTTPAddr string
 	// Ready, if set, is closed once the service answers requests.
 	Ready chan<- struct{}
+	// Unsafe switches protections off, for the tests that show what each
+	// guards.
+	Unsafe handlers.Unsafe
 }
 
 // RunControlPlane runs every part of `loom serve` until ctx ends.
@@ -50,7 +53,8 @@ func RunControlPlane(ctx context.Context, conn *Connection, cfg ControlPlaneConf
 	}()
 	reader := readModel{store}
 	dispatcher = dispatch.New(dispatch.Config{Conn: conn.Conn, JS: conn.JS, Reader: reader, Logger: log})
-	commands, err := handlers.New(handlers.Config{JS: conn.JS, Conn: conn.Conn, Reader: reader, Now: time.Now, Logger: log.With("component", "handlers")})
+	commands, err := handlers.New(handlers.Config{JS: conn.JS, Conn: conn.Conn, Reader: reader, Now: time.Now,
+		Logger: log.With("component", "handlers"), Unsafe: cfg.Unsafe})
 	if err != nil {
 		return err
 	}
