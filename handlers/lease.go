@@ -189,12 +189,18 @@ func (s *Service) acquireView(ctx context.Context, r events.Resource, mode event
 		}
 		expect = bus.Expect{Subject: events.LeaseWildcard(r), Seq: last}
 	}
-	// The head before the state, as in endLease.
+	// The head before the state, as in endLease. A shared grant looks only
+	// at the exclusive grant and its own; an exclusive one at every grant.
 	head, err := s.cfg.Reader.Head(ctx, subject)
 	if err != nil {
 		return expect, head, events.LeaseState{}, unavailable("read head of "+subject, err)
 	}
-	state, err := s.cfg.Reader.Lease(ctx, r.String())
+	var state events.LeaseState
+	if mode == events.LeaseShared {
+		state, err = s.cfg.Reader.LeaseOf(ctx, r.String(), holder)
+	} else {
+		state, err = s.cfg.Reader.Lease(ctx, r.String())
+	}
 	if err != nil {
 		return expect, head, state, unavailable("read lease "+r.String(), err)
 	}
@@ -329,7 +335,7 @@ func (s *Service) voidFault(ctx context.Context, r events.Resource, holder strin
 	if err := s.cfg.Reader.WaitFor(ctx, seq); err != nil {
 		return lagging(seq, err)
 	}
-	state, err := s.cfg.Reader.Lease(ctx, r.String())
+	state, err := s.cfg.Reader.LeaseOf(ctx, r.String(), holder)
 	if err != nil {
 		return unavailable("read lease "+r.String(), err)
 	}
@@ -362,7 +368,7 @@ func (s *Service) endLease(ctx context.Context, c *command, r events.Resource, h
 			}
 			heads[m] = h
 		}
-		state, err := s.cfg.Reader.Lease(ctx, r.String())
+		state, err := s.cfg.Reader.LeaseOf(ctx, r.String(), holder)
 		if err != nil {
 			return nil, unavailable("read lease "+r.String(), err)
 		}

@@ -194,6 +194,16 @@ func (r *memReader) Lease(_ context.Context, resource string) (events.LeaseState
 	return l, nil
 }
 
+func (r *memReader) LeaseOf(ctx context.Context, resource, holder string) (events.LeaseState, error) {
+	l, err := r.Lease(ctx, resource)
+	if g, ok := l.Shared[holder]; ok {
+		l.Shared = map[string]events.LeaseGrant{holder: g}
+	} else {
+		l.Shared = nil
+	}
+	return l, err
+}
+
 func (r *memReader) AllLeases(context.Context) ([]events.LeaseGrant, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()

@@ -26,6 +26,8 @@ type Reader interface {
 	// Lease is a resource's lease state ("image/<name>", "disk/<name>"),
 	// with every shared grant; Grants is zero when none was ever made.
 	Lease(ctx context.Context, resource string) (events.LeaseState, error)
+	// LeaseOf is Lease with, of the shared grants, only holder's.
+	LeaseOf(ctx context.Context, resource, holder string) (events.LeaseState, error)
 	// Head is where a loom.evt subject stands, flagged messages included;
 	// the zero Head when it is empty.
 	Head(ctx context.Context, subject string) (events.Head, error)

@@ -205,6 +205,40 @@ func (s *Store) Lease(ctx context.Context, resource string) (events.LeaseState, 
 	return state, err
 }
 
+// LeaseOf is the lease state of a resource with, of its shared grants,
+// only holder's: what a shared grant or the end of one decides on, read
+// with two point lookups however many hold the resource.
+func (s *Store) LeaseOf(ctx context.Context, resource, holder string) (events.LeaseState, error) {
+	var state events.LeaseState
+	err := s.read(ctx, func(v *view) error {
+		var err error
+		state, err = v.leaseOf(resource, holder)
+		return err
+	})
+	return state, err
+}
+
+func (v *view) leaseOf(resource, holder string) (events.LeaseState, error) {
+	state := events.LeaseState{Resource: resource}
+	value, ok, err := v.get(nameKey(prefixLease, resource))
+	if err != nil || !ok {
+		return state, err
+	}
+	if state, _, err = decodeRow[events.LeaseState](value); err != nil {
+		return state, fmt.Errorf("lease %s: %w", resource, err)
+	}
+	value, ok, err = v.get(sharedGrantKey(resource, holder))
+	if err != nil || !ok {
+		return state, err
+	}
+	var g events.LeaseGrant
+	if err := events.Unmarshal(value, &g); err != nil {
+		return state, fmt.Errorf("lease %s holder %s: %w", resource, holder, err)
+	}
+	state.Shared = map[string]events.LeaseGrant{holder: g}
+	return state, nil
+}
+
 // LeaseFilter selects grants; empty fields select everything.
 type LeaseFilter struct {
 	Resource, Host, Holder string

@@ -197,6 +197,9 @@ func (r *scriptRunner) do(c *scriptCase) string {
 	case "lease":
 		state, err := r.store.Lease(ctx, arg(1))
 		return r.show(state, events.Head{}, err)
+	case "leaseof":
+		state, err := r.store.LeaseOf(ctx, arg(1), arg(2))
+		return r.show(state, events.Head{}, err)
 	case "leases":
 		var filter LeaseFilter
 		for _, a := range args[1:] {
