@@ -173,7 +173,7 @@ func (f *fleet) startAgent(name string) {
 	h := f.hosts[name]
 	h.agent = run(func(ctx context.Context) error {
 		return plane.RunAgent(ctx, f.conn, plane.AgentConfig{Host: name, Socket: h.socket, URI: "test:///default",
-			TTL: 2 * time.Second, StopGrace: time.Second}, f.log.With("agent", name))
+			TTL: agentTTL(), StopGrace: time.Second}, f.log.With("agent", name))
 	})
 }
 
@@ -310,6 +310,15 @@ func (f *fleet) domainState(hostName, vm string) string {
 		f.t.Fatalf("lookup %s on %s: %v", vm, hostName, err)
 	}
 	return d.State.String()
+}
+
+// agentTTL is the agents' liveness TTL: 2 s, or $LOOM_IT_TTL (to measure
+// at the default, 10 s).
+func agentTTL() time.Duration {
+	if d, err := time.ParseDuration(os.Getenv("LOOM_IT_TTL")); err == nil && d > 0 {
+		return d
+	}
+	return 2 * time.Second
 }
 
 // waitFor polls cond until it returns nil, failing the test after timeout.

@@ -46,7 +46,7 @@ func TestLeases_KilledHostsVMRestartsElsewhere(t *testing.T) {
 		}
 		return nil
 	})
-	t.Logf("killed %s; web running on %s %s later (TTL 2s)", before.Host, after.Host, time.Since(killed).Round(100*time.Millisecond))
+	t.Logf("killed %s; web running on %s %s later (TTL %s)", before.Host, after.Host, time.Since(killed).Round(100*time.Millisecond), agentTTL())
 	if h, err := f.host(before.Host); err != nil || !h.Lost {
 		t.Fatalf("host %s: %+v (%v), want lost", before.Host, h, err)
 	}
