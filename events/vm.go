@@ -195,8 +195,10 @@ func (s *VMState) Apply(rec *Record) error {
 			if s.Phase != PhasePlaced || s.Host != ev.From {
 				return fmt.Errorf("vm %s: moved off %s, but it is %s on %q", s.Name, ev.From, s.Phase, s.Host)
 			}
-			s.Left, s.LeftReason = ev.From, ev.Reason
-			s.Observed = Observation{}
+			if ev.From != ev.Host { // placed again on its own host (new grants) leaves nothing
+				s.Left, s.LeftReason = ev.From, ev.Reason
+				s.Observed = Observation{}
+			}
 		}
 		s.Host, s.Phase, s.Incarnation, s.Leases = ev.Host, PhasePlaced, rec.Seq, ev.Leases
 	case VMGoalChanged:

@@ -142,3 +142,117 @@ func (s *Service) releaseOrphanGrant(ctx context.Context, g events.LeaseGrant, r
 	}
 	return nil
 }
+
+// The event indexes of a start's or resume's steps, besides the goal
+// change (stepOnly): its new grants, then vm.placed naming them.
+const startStepPlaced = createStepPlaced
+
+// serveStart serves start and resume: a VM whose grants lapsed (broken by
+// an operator, expired with its host) first takes new ones on its host and
+// is placed again under them, so that its goal never says running without
+// current leases; then its goal changes.
+func (s *Service) serveStart(verb string) serveFunc {
+	return func(ctx context.Context, req *request) *events.Reply {
+		var cmd events.VMCommand
+		c, fault := s.decode(req, &cmd, &cmd.CommandMeta)
+		if fault != nil {
+			return failed(fault, nil)
+		}
+		// A retry takes the steps again (each is idempotent, and one cut
+		// short is finished) and answers with everything the command did.
+		recorded, _, err := s.cfg.Reader.CommandResult(ctx, c.actor, c.id)
+		if err != nil {
+			return failed(unavailable("read command result", err), nil)
+		}
+		leased, fault := s.renewLapsed(ctx, c, cmd.Name)
+		if fault != nil {
+			return failed(fault, merge(recorded, leased))
+		}
+		res, fault := appendStep(ctx, s, s.vms, c, cmd.Name, stepOnly, events.TypeVMGoalChanged, func(vm *events.VMState) (events.Event, *events.Fault) {
+			return decideGoal(*vm, cmd.Name, verb)
+		})
+		fresh := len(leased) > 0 || (res.appended != nil && !res.replayed)
+		if res.appended != nil {
+			leased = append(leased, *res.appended)
+		}
+		all := merge(recorded, leased)
+		return &events.Reply{Events: all, Error: fault, Replayed: !fresh && len(all) > 0}
+	}
+}
+
+// renewLapsed gives a placed VM new grants on its host for those that
+// lapsed, and places it again under them; it appends nothing when every
+// grant stands, and refuses while one is being broken. Each read of a grant waits until the read model has the
+// resource's last event, read through the leader.
+func (s *Service) renewLapsed(ctx context.Context, c *command, name string) ([]events.Appended, *events.Fault) {
+	vm, _, err := s.cfg.Reader.VM(ctx, name)
+	if err != nil {
+		return nil, unavailable("read vm "+name, err)
+	}
+	if vm.Phase != events.PhasePlaced {
+		return nil, nil // decideGoal answers for a VM that is not placed
+	}
+	lapsed := false
+	for _, l := range vm.Leases {
+		g, ok, err := s.grantStanding(ctx, l, vm.UID)
+		if err != nil {
+			return nil, unavailable("read lease "+l.Resource, err)
+		}
+		if ok && g.Breaking {
+			return nil, events.Errorf(events.CodeLeaseHeld, "vm %s's %s lease on %s (epoch %d) is being broken by %s: it starts again once the break completes",
+				vm.Name, l.Mode, l.Resource, l.Epoch, g.BreakingBy)
+		}
+		lapsed = lapsed || !ok
+	}
+	if !lapsed && len(vm.Leases) > 0 {
+		return nil, nil
+	}
+	p := placement{host: vm.Host}
+	if a, ok := s.findAllocation(vm.Name, vm.UID, ""); ok && a.host == vm.Host {
+		p.allocSeq = a.allocSeq
+	}
+	var leased []events.Appended
+	holder := events.LeaseHolder{ID: vm.UID, VM: vm.Name, Host: vm.Host}
+	for _, l := range vmLeases(vm.Name, vm.Image) {
+		a, fault := s.acquireForVM(ctx, c, l, holder)
+		if a != nil {
+			leased = append(leased, *a)
+		}
+		if fault != nil {
+			return leased, fault
+		}
+		p.leases = append(p.leases, events.LeaseEpoch{Resource: l.resource.String(), Mode: l.mode, Epoch: a.Seq})
+	}
+	res, fault := appendStep(ctx, s, s.vms, c, vm.Name, startStepPlaced, events.TypeVMPlaced, func(state *events.VMState) (events.Event, *events.Fault) {
+		if state.UID != vm.UID || state.Phase != events.PhasePlaced || state.Host != vm.Host {
+			return nil, events.Errorf(events.CodeConflict, "vm %s moved while its leases were taken again; retrying is safe", vm.Name)
+		}
+		return events.VMPlaced{UID: vm.UID, Host: vm.Host, AllocationSeq: p.allocSeq, Leases: p.leases, From: vm.Host, Reason: "leases-renewed"}, nil
+	})
+	if res.appended != nil {
+		leased = append(leased, *res.appended)
+	}
+	return leased, fault
+}
+
+// grantStanding is uid's grant l, and whether it still stands, as the
+// leader has the resource now.
+func (s *Service) grantStanding(ctx context.Context, l events.LeaseEpoch, uid string) (events.LeaseGrant, bool, error) {
+	r, err := events.ParseResource(l.Resource)
+	if err != nil {
+		return events.LeaseGrant{}, false, nil
+	}
+	last, err := lastOn(ctx, s, events.LeaseWildcard(r))
+	if err != nil {
+		return events.LeaseGrant{}, false, err
+	}
+	if err := s.cfg.Reader.WaitFor(ctx, last); err != nil {
+		return events.LeaseGrant{}, false, lagging(last, err)
+	}
+	state, err := s.cfg.Reader.LeaseOf(ctx, l.Resource, uid)
+	if err != nil {
+		return events.LeaseGrant{}, false, err
+	}
+	g, ok := state.Grant(l.Mode, uid)
+	return g, ok && !g.Void && g.Epoch == l.Epoch, nil
+}

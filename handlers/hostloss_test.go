@@ -140,3 +140,43 @@ func TestBreak_ForcedCompletesWhenTheHolderStops(t *testing.T) {
 		t.Fatalf("the disk after the break: %v", x.Error)
 	}
 }
+
+// A VM whose disk grant was broken starts again only under new grants:
+// the start takes them and places it again, and its goal names them.
+func TestGate_StartRenewsLapsedGrants(t *testing.T) {
+	b, r, _ := schedulerFixture(t)
+	ctx := context.Background()
+	if reply := call(t, r.nc, events.KindVM, events.VerbCreate, events.FormatMsgpack, "alice", createCmd("web", "c1", 1, 512)); reply.Error != nil {
+		t.Fatal(reply.Error)
+	}
+	caughtUp(t, b, r)
+	vm, _, _ := r.reader.VM(ctx, "web")
+	must(t, r.nc, events.KindLease, events.VerbBreak, &events.BreakLease{CommandMeta: events.CommandMeta{CommandID: "b1"}, Resource: "disk/web", Holder: vm.UID, Force: true})
+	wantCode(t, "start while the break waits", call(t, r.nc, events.KindVM, events.VerbStart, events.FormatMsgpack, "alice", vmCmd("web", "s0")), events.CodeLeaseHeld)
+	observe(t, r, vm.Host, "web", events.VMObserved{UID: vm.UID, Incarnation: vm.Incarnation, State: events.ObservedStopped,
+		Fault: events.Errorf(events.CodeLeaseNotCurrent, "revoked"), Leases: vm.Leases})
+	reconcile(t, b, r)
+
+	reply := call(t, r.nc, events.KindVM, events.VerbStart, events.FormatMsgpack, "alice", vmCmd("web", "s1"))
+	if reply.Error != nil {
+		t.Fatal(reply.Error)
+	}
+	caughtUp(t, b, r)
+	after, _, _ := r.reader.VM(ctx, "web")
+	if after.Host != vm.Host || after.Left != "" || len(after.Leases) != 2 || after.Leases[1].Epoch <= vm.Leases[1].Epoch {
+		t.Fatalf("after the start: %+v (before %+v)", after, vm.Leases)
+	}
+	if after.Leases[0] != vm.Leases[0] {
+		t.Errorf("the image grant, still standing, was taken again: %+v -> %+v", vm.Leases[0], after.Leases[0])
+	}
+	goal, _ := events.GoalOf(&after)
+	if goal.Incarnation <= vm.Incarnation || goal.Leases[1] != after.Leases[1] {
+		t.Fatalf("goal %+v", goal)
+	}
+	// A retry answers the same and appends nothing.
+	seq := lastSeq(t, b)
+	again := call(t, r.nc, events.KindVM, events.VerbStart, events.FormatMsgpack, "alice", vmCmd("web", "s1"))
+	if again.Error != nil || !again.Replayed || lastSeq(t, b) != seq {
+		t.Fatalf("retry: %+v", again)
+	}
+}
