@@ -2,7 +2,8 @@ package handlers
 
 import (
 	"context"
-	"fmt"
+	"maps"
+	"slices"
 
 	"github.com/loomctl/loom/events"
 )
@@ -110,7 +111,7 @@ func standingGrants(l *events.LeaseState) []events.LeaseGrant {
 	if l.Exclusive.Epoch != 0 {
 		out = append(out, l.Exclusive)
 	}
-	for _, h := range sortedKeys(l.Shared) {
+	for _, h := range slices.Sorted(maps.Keys(l.Shared)) {
 		if g := l.Shared[h]; !g.Void {
 			out = append(out, g)
 		}
@@ -119,28 +120,16 @@ func standingGrants(l *events.LeaseState) []events.LeaseGrant {
 }
 
 // releaseOrphanGrant gives back a grant whose holder can no longer write,
-// as the scheduler: its command id derives from the grant, so replicas
-// doing the same never append twice.
+// as the scheduler.
 func (s *Service) releaseOrphanGrant(ctx context.Context, g events.LeaseGrant, reason string) error {
-	r, err := events.ParseResource(g.Resource)
-	if err != nil {
-		return err
-	}
-	c := newCommand(schedulerActor, fmt.Sprintf("release-%s-%d", g.Resource, g.Epoch), "", events.Origin{Time: s.cfg.Now()})
-	a, fault := s.endLease(ctx, c, r, g.ID, func(cur events.LeaseGrant, _ events.HostState) (events.Event, *events.Fault) {
-		if cur.Epoch != g.Epoch {
-			return nil, nil // another grant of the holder's: not this orphan
-		}
-		return events.LeaseReleased{Holder: g.ID, Epoch: g.Epoch, Reason: reason}, nil
+	released, err := s.endGrant(ctx, schedulerActor, "release", g, func(events.LeaseGrant, events.HostState) events.Event {
+		return events.LeaseReleased{Holder: g.ID, Epoch: g.Epoch, Reason: reason}
 	})
-	if fault != nil && fault.Code != events.CodeLeaseNotFound {
-		return fault
-	}
-	if a != nil {
+	if released {
 		s.metrics.scheduled.WithLabelValues("lease-released").Inc()
 		s.log.Info("orphan lease released", "resource", g.Resource, "holder", g.ID, "epoch", g.Epoch, keyReason, reason)
 	}
-	return nil
+	return err
 }
 
 // The event indexes of a start's or resume's steps, besides the goal

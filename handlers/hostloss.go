@@ -44,29 +44,20 @@ func (s *Service) expireLostLeases(ctx context.Context, hosts []events.HostState
 }
 
 // expire appends lease.expired for grant g of the lost host h, as the
-// failure detector: its command id derives from the grant, so that every
-// replica doing the same appends it once.
+// failure detector.
 func (s *Service) expire(ctx context.Context, g events.LeaseGrant, h events.HostState) error {
-	r, err := events.ParseResource(g.Resource)
-	if err != nil {
-		return err
-	}
-	c := newCommand(detectorActor, fmt.Sprintf("expire-%s-%d", g.Resource, g.Epoch), "", events.Origin{Time: s.cfg.Now()})
-	a, fault := s.endLease(ctx, c, r, g.ID, func(cur events.LeaseGrant, host events.HostState) (events.Event, *events.Fault) {
-		if cur.Epoch != g.Epoch || host.LostSeq < cur.Epoch {
-			return nil, nil // another grant, or one made since: not this one
+	ended, err := s.endGrant(ctx, detectorActor, "expire", g, func(cur events.LeaseGrant, host events.HostState) events.Event {
+		if host.LostSeq < cur.Epoch {
+			return nil // made since the loss: not this one
 		}
-		return events.LeaseExpired{Holder: g.ID, Epoch: g.Epoch, Host: g.Host, MarkerSeq: host.LostMarker}, nil
+		return events.LeaseExpired{Holder: g.ID, Epoch: g.Epoch, Host: g.Host, MarkerSeq: host.LostMarker}
 	})
-	if fault != nil && fault.Code != events.CodeLeaseNotFound {
-		return fault
-	}
-	if a != nil {
+	if ended {
 		s.Nudge() // the next pass may move the VM that held it
 		s.metrics.scheduled.WithLabelValues("lease-expired").Inc()
 		s.log.Warn("lease expired: its host was declared lost", "resource", g.Resource, "holder", g.ID, "epoch", g.Epoch, keyHost, g.Host)
 	}
-	return nil
+	return err
 }
 
 // evacuate acts on every VM placed on a host that was declared lost after
@@ -228,23 +219,37 @@ func stoppedUnder(obs events.Observation, g events.LeaseGrant) bool {
 
 // completeBreak appends lease.broken for g, as the scheduler.
 func (s *Service) completeBreak(ctx context.Context, g events.LeaseGrant, reason string) error {
-	r, err := events.ParseResource(g.Resource)
-	if err != nil {
-		return err
-	}
-	c := newCommand(schedulerActor, fmt.Sprintf("break-%s-%d", g.Resource, g.Epoch), "", events.Origin{Time: s.cfg.Now()})
-	a, fault := s.endLease(ctx, c, r, g.ID, func(cur events.LeaseGrant, _ events.HostState) (events.Event, *events.Fault) {
-		if cur.Epoch != g.Epoch || !cur.Breaking {
-			return nil, nil
+	ended, err := s.endGrant(ctx, schedulerActor, "break", g, func(cur events.LeaseGrant, _ events.HostState) events.Event {
+		if !cur.Breaking {
+			return nil
 		}
-		return events.LeaseBroken{Holder: g.ID, Epoch: g.Epoch, Reason: reason}, nil
+		return events.LeaseBroken{Holder: g.ID, Epoch: g.Epoch, Reason: reason}
 	})
-	if fault != nil && fault.Code != events.CodeLeaseNotFound {
-		return fault
-	}
-	if a != nil {
+	if ended {
 		s.metrics.scheduled.WithLabelValues("lease-broken").Inc()
 		s.log.Warn("forced break took effect", "resource", g.Resource, "holder", g.ID, "epoch", g.Epoch, keyReason, reason)
 	}
-	return nil
+	return err
+}
+
+// endGrant ends grant g with the event decide makes of it (nil: none), on
+// the control plane's own account (actor), unless g no longer stands. Its
+// command id derives from the grant and the verb, so replicas doing the
+// same append it once. ended says this call appended it.
+func (s *Service) endGrant(ctx context.Context, actor, verb string, g events.LeaseGrant, decide func(cur events.LeaseGrant, host events.HostState) events.Event) (ended bool, err error) {
+	r, err := events.ParseResource(g.Resource)
+	if err != nil {
+		return false, err
+	}
+	c := newCommand(actor, fmt.Sprintf("%s-%s-%d", verb, g.Resource, g.Epoch), "", events.Origin{Time: s.cfg.Now()})
+	a, fault := s.endLease(ctx, c, r, g.ID, func(cur events.LeaseGrant, host events.HostState) (events.Event, *events.Fault) {
+		if cur.Epoch != g.Epoch {
+			return nil, nil // another grant of the holder's: not this one
+		}
+		return decide(cur, host), nil
+	})
+	if fault != nil && fault.Code != events.CodeLeaseNotFound {
+		return false, fault
+	}
+	return a != nil, nil
 }

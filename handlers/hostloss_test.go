@@ -6,6 +6,7 @@ import (
 
 	"github.com/loomctl/loom/events"
 	"github.com/loomctl/loom/events/bus"
+	"github.com/loomctl/loom/events/bus/bustest"
 )
 
 // declareLost records host.lost for host as the failure detector does
@@ -17,13 +18,23 @@ func declareLost(t *testing.T, r *replica, host string, marker uint64) {
 	}
 }
 
-func TestHostLoss_LeasesExpireThenTheVMRestartsElsewhere(t *testing.T) {
-	b, r, _ := schedulerFixture(t)
-	ctx := context.Background()
-	if reply := call(t, r.nc, events.KindVM, events.VerbCreate, events.FormatMsgpack, "alice", createCmd("web", "c1", 1, 512)); reply.Error != nil {
+// createVM creates name as alice and waits until the reader has it.
+func createVM(t *testing.T, b *bustest.Bus, r *replica, name string, opts ...func(*events.CreateVM)) {
+	t.Helper()
+	cmd := createCmd(name, "c1", 1, 512)
+	for _, opt := range opts {
+		opt(cmd)
+	}
+	if reply := call(t, r.nc, events.KindVM, events.VerbCreate, events.FormatMsgpack, "alice", cmd); reply.Error != nil {
 		t.Fatal(reply.Error)
 	}
 	caughtUp(t, b, r)
+}
+
+func TestHostLoss_LeasesExpireThenTheVMRestartsElsewhere(t *testing.T) {
+	b, r, _ := schedulerFixture(t)
+	ctx := context.Background()
+	createVM(t, b, r, "web")
 	before, _, _ := r.reader.VM(ctx, "web")
 
 	// Nothing moves while the host is alive, however many passes.
@@ -86,12 +97,7 @@ func TestHostLoss_LeasesExpireThenTheVMRestartsElsewhere(t *testing.T) {
 func TestHostLoss_LeaveStoppedPolicy(t *testing.T) {
 	b, r, _ := schedulerFixture(t)
 	ctx := context.Background()
-	cmd := createCmd("db", "c1", 1, 512)
-	cmd.OnHostLost = events.LeaveStopped
-	if reply := call(t, r.nc, events.KindVM, events.VerbCreate, events.FormatMsgpack, "alice", cmd); reply.Error != nil {
-		t.Fatal(reply.Error)
-	}
-	caughtUp(t, b, r)
+	createVM(t, b, r, "db", func(c *events.CreateVM) { c.OnHostLost = events.LeaveStopped })
 	before, _, _ := r.reader.VM(ctx, "db")
 	declareLost(t, r, before.Host, 100)
 	reconcile(t, b, r)
@@ -113,10 +119,7 @@ func TestHostLoss_LeaveStoppedPolicy(t *testing.T) {
 func TestBreak_ForcedCompletesWhenTheHolderStops(t *testing.T) {
 	b, r, _ := schedulerFixture(t)
 	ctx := context.Background()
-	if reply := call(t, r.nc, events.KindVM, events.VerbCreate, events.FormatMsgpack, "alice", createCmd("web", "c1", 1, 512)); reply.Error != nil {
-		t.Fatal(reply.Error)
-	}
-	caughtUp(t, b, r)
+	createVM(t, b, r, "web")
 	vm, _, _ := r.reader.VM(ctx, "web")
 	observe(t, r, vm.Host, "web", events.VMObserved{UID: vm.UID, Incarnation: vm.Incarnation, State: events.ObservedRunning, Leases: vm.Leases})
 	br := lease(t, r.nc, events.VerbBreak, &events.BreakLease{CommandMeta: events.CommandMeta{CommandID: "b1"}, Resource: "disk/web", Holder: vm.UID, Force: true})
@@ -146,10 +149,7 @@ func TestBreak_ForcedCompletesWhenTheHolderStops(t *testing.T) {
 func TestGate_StartRenewsLapsedGrants(t *testing.T) {
 	b, r, _ := schedulerFixture(t)
 	ctx := context.Background()
-	if reply := call(t, r.nc, events.KindVM, events.VerbCreate, events.FormatMsgpack, "alice", createCmd("web", "c1", 1, 512)); reply.Error != nil {
-		t.Fatal(reply.Error)
-	}
-	caughtUp(t, b, r)
+	createVM(t, b, r, "web")
 	vm, _, _ := r.reader.VM(ctx, "web")
 	must(t, r.nc, events.KindLease, events.VerbBreak, &events.BreakLease{CommandMeta: events.CommandMeta{CommandID: "b1"}, Resource: "disk/web", Holder: vm.UID, Force: true})
 	wantCode(t, "start while the break waits", call(t, r.nc, events.KindVM, events.VerbStart, events.FormatMsgpack, "alice", vmCmd("web", "s0")), events.CodeLeaseHeld)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 
@@ -217,7 +218,7 @@ func grantable(state *events.LeaseState, mode events.LeaseMode, holder string) *
 		in = append(in, describeGrant(g))
 	}
 	if mode == events.LeaseExclusive {
-		for _, h := range sortedKeys(state.Shared) {
+		for _, h := range slices.Sorted(maps.Keys(state.Shared)) {
 			if g := state.Shared[h]; !g.Void {
 				in = append(in, describeGrant(g))
 			}
@@ -468,13 +469,4 @@ func lastOn(ctx context.Context, s *Service, subject string) (uint64, error) {
 		return 0, nil
 	}
 	return last.Seq, err
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	return keys
 }

@@ -219,15 +219,11 @@ func (s *Store) LeaseOf(ctx context.Context, resource, holder string) (events.Le
 }
 
 func (v *view) leaseOf(resource, holder string) (events.LeaseState, error) {
-	state := events.LeaseState{Resource: resource}
-	value, ok, err := v.get(nameKey(prefixLease, resource))
-	if err != nil || !ok {
+	state, found, err := v.leaseRow(resource)
+	if err != nil || !found {
 		return state, err
 	}
-	if state, _, err = decodeRow[events.LeaseState](value); err != nil {
-		return state, fmt.Errorf("lease %s: %w", resource, err)
-	}
-	value, ok, err = v.get(sharedGrantKey(resource, holder))
+	value, ok, err := v.get(sharedGrantKey(resource, holder))
 	if err != nil || !ok {
 		return state, err
 	}
@@ -257,14 +253,23 @@ func (s *Store) Leases(ctx context.Context, filter LeaseFilter) ([]events.LeaseG
 	return grants, err
 }
 
-func (v *view) lease(resource string) (events.LeaseState, error) {
-	state := events.LeaseState{Resource: resource}
+// leaseRow is a resource's row: its state without the shared grants.
+func (v *view) leaseRow(resource string) (state events.LeaseState, found bool, err error) {
+	state = events.LeaseState{Resource: resource}
 	value, ok, err := v.get(nameKey(prefixLease, resource))
 	if err != nil || !ok {
-		return state, err
+		return state, false, err
 	}
 	if state, _, err = decodeRow[events.LeaseState](value); err != nil {
-		return state, fmt.Errorf("lease %s: %w", resource, err)
+		return state, false, fmt.Errorf("lease %s: %w", resource, err)
+	}
+	return state, true, nil
+}
+
+func (v *view) lease(resource string) (events.LeaseState, error) {
+	state, found, err := v.leaseRow(resource)
+	if err != nil || !found {
+		return state, err
 	}
 	prefix := sharedGrantPrefix(resource)
 	err = v.scan(prefix, func(_, value []byte) error {
