@@ -157,8 +157,9 @@ func (s *Service) runCreate(ctx context.Context, r *createRun) *events.Fault {
 		}
 	}
 	res, leased, fault := s.placeLeased(ctx, r.c, r.cmd.Name, r.uid, r.cmd.Image, p)
-	r.appended = append(r.appended, leased...)
-	r.fresh = r.fresh || len(leased) > 0
+	for _, l := range leased {
+		r.add(l)
+	}
 	if fault != nil && fault.Code == events.CodeLeaseHeld {
 		return s.withdraw(ctx, r, ReasonLeaseHeld, fault)
 	}

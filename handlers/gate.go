@@ -45,25 +45,18 @@ func vmLeases(vm, image string) []vmLease {
 }
 
 // placeLeased takes the pending incarnation uid's leases for its host and
-// places it there under their epochs. leased are the lease events, found
+// places it there under their epochs. leased are the lease steps, found
 // or appended.
-func (s *Service) placeLeased(ctx context.Context, c *command, vm, uid, image string, p placement) (placed stepResult, leased []events.Appended, fault *events.Fault) {
+func (s *Service) placeLeased(ctx context.Context, c *command, vm, uid, image string, p placement) (placed stepResult, leased []stepResult, fault *events.Fault) {
 	return s.placeLeasedFrom(ctx, c, vm, uid, image, p, "")
 }
 
 // placeLeasedFrom is placeLeased for a VM placed on host from, which it
 // moves off (from empty: a pending VM's first placement).
-func (s *Service) placeLeasedFrom(ctx context.Context, c *command, vm, uid, image string, p placement, from string) (placed stepResult, leased []events.Appended, fault *events.Fault) {
-	holder := events.LeaseHolder{ID: uid, VM: vm, Host: p.host}
-	for _, l := range vmLeases(vm, image) {
-		a, fault := s.acquireForVM(ctx, c, l, holder)
-		if a != nil {
-			leased = append(leased, *a)
-		}
-		if fault != nil {
-			return stepResult{}, leased, fault
-		}
-		p.leases = append(p.leases, events.LeaseEpoch{Resource: l.resource.String(), Mode: l.mode, Epoch: a.Seq})
+func (s *Service) placeLeasedFrom(ctx context.Context, c *command, vm, uid, image string, p placement, from string) (placed stepResult, leased []stepResult, fault *events.Fault) {
+	leased, p.leases, fault = s.takeLeases(ctx, c, vm, image, events.LeaseHolder{ID: uid, VM: vm, Host: p.host})
+	if fault != nil {
+		return stepResult{}, leased, fault
 	}
 	if from == "" {
 		placed, fault = s.place(ctx, c, vm, uid, p)
@@ -75,31 +68,49 @@ func (s *Service) placeLeasedFrom(ctx context.Context, c *command, vm, uid, imag
 	return placed, leased, fault
 }
 
+// takeLeases takes a VM's leases for holder, as steps of command c, and
+// returns the steps and the epochs.
+func (s *Service) takeLeases(ctx context.Context, c *command, vm, image string, holder events.LeaseHolder) ([]stepResult, []events.LeaseEpoch, *events.Fault) {
+	var steps []stepResult
+	var epochs []events.LeaseEpoch
+	for _, l := range vmLeases(vm, image) {
+		res, fault := s.acquireForVM(ctx, c, l, holder)
+		if res.appended != nil {
+			steps = append(steps, res)
+		}
+		if fault != nil {
+			return steps, epochs, fault
+		}
+		epochs = append(epochs, events.LeaseEpoch{Resource: l.resource.String(), Mode: l.mode, Epoch: res.appended.Seq})
+	}
+	return steps, epochs, nil
+}
+
 // acquireForVM takes one of a VM's leases. A grant that stands in the way
 // but belongs to an earlier incarnation of the same VM name is given back
 // first: that incarnation is gone (its name could not be taken again
 // otherwise), so it can no longer write.
-func (s *Service) acquireForVM(ctx context.Context, c *command, l vmLease, holder events.LeaseHolder) (*events.Appended, *events.Fault) {
+func (s *Service) acquireForVM(ctx context.Context, c *command, l vmLease, holder events.LeaseHolder) (stepResult, *events.Fault) {
 	for range 2 {
-		a, fault := s.acquire(ctx, c, l.index, l.resource, l.mode, holder, true)
+		res, fault := s.acquire(ctx, c, l.index, l.resource, l.mode, holder, true)
 		if fault == nil || fault.Code != events.CodeLeaseHeld {
-			return a, fault
+			return res, fault
 		}
 		state, err := s.cfg.Reader.Lease(ctx, l.resource.String())
 		if err != nil {
-			return nil, unavailable("read lease "+l.resource.String(), err)
+			return stepResult{}, unavailable("read lease "+l.resource.String(), err)
 		}
 		stale := 0
 		for _, g := range standingGrants(&state) {
 			if g.VM == holder.VM && g.ID != holder.ID {
 				if err := s.releaseOrphanGrant(ctx, g, "an earlier incarnation of "+g.VM+" is gone"); err != nil {
-					return nil, unavailable("release "+g.Resource, err)
+					return stepResult{}, unavailable("release "+g.Resource, err)
 				}
 				stale++
 			}
 		}
 		if stale == 0 {
-			return nil, fault
+			return stepResult{}, fault
 		}
 	}
 	return s.acquire(ctx, c, l.index, l.resource, l.mode, holder, true)
@@ -153,27 +164,33 @@ func (s *Service) serveStart(verb string) serveFunc {
 		if err != nil {
 			return failed(unavailable("read command result", err), nil)
 		}
-		leased, fault := s.renewLapsed(ctx, c, cmd.Name)
-		if fault != nil {
-			return failed(fault, merge(recorded, leased))
+		steps, fault := s.renewLapsed(ctx, c, cmd.Name)
+		if fault == nil {
+			var res stepResult
+			res, fault = appendStep(ctx, s, s.vms, c, cmd.Name, stepOnly, events.TypeVMGoalChanged, func(vm *events.VMState) (events.Event, *events.Fault) {
+				return decideGoal(*vm, cmd.Name, verb)
+			})
+			steps = append(steps, res)
 		}
-		res, fault := appendStep(ctx, s, s.vms, c, cmd.Name, stepOnly, events.TypeVMGoalChanged, func(vm *events.VMState) (events.Event, *events.Fault) {
-			return decideGoal(*vm, cmd.Name, verb)
-		})
-		fresh := len(leased) > 0 || (res.appended != nil && !res.replayed)
-		if res.appended != nil {
-			leased = append(leased, *res.appended)
+		fresh := false
+		var appended []events.Appended
+		for _, st := range steps {
+			if st.appended != nil {
+				appended = append(appended, *st.appended)
+				fresh = fresh || !st.replayed
+			}
 		}
-		all := merge(recorded, leased)
+		all := merge(recorded, appended)
 		return &events.Reply{Events: all, Error: fault, Replayed: !fresh && len(all) > 0}
 	}
 }
 
 // renewLapsed gives a placed VM new grants on its host for those that
 // lapsed, and places it again under them; it appends nothing when every
-// grant stands, and refuses while one is being broken. Each read of a grant waits until the read model has the
-// resource's last event, read through the leader.
-func (s *Service) renewLapsed(ctx context.Context, c *command, name string) ([]events.Appended, *events.Fault) {
+// grant stands, and refuses while one is being broken. Each read of a
+// grant waits until the read model has the resource's last event, read
+// through the leader.
+func (s *Service) renewLapsed(ctx context.Context, c *command, name string) ([]stepResult, *events.Fault) {
 	vm, _, err := s.cfg.Reader.VM(ctx, name)
 	if err != nil {
 		return nil, unavailable("read vm "+name, err)
@@ -200,17 +217,10 @@ func (s *Service) renewLapsed(ctx context.Context, c *command, name string) ([]e
 	if a, ok := s.findAllocation(vm.Name, vm.UID, ""); ok && a.host == vm.Host {
 		p.allocSeq = a.allocSeq
 	}
-	var leased []events.Appended
-	holder := events.LeaseHolder{ID: vm.UID, VM: vm.Name, Host: vm.Host}
-	for _, l := range vmLeases(vm.Name, vm.Image) {
-		a, fault := s.acquireForVM(ctx, c, l, holder)
-		if a != nil {
-			leased = append(leased, *a)
-		}
-		if fault != nil {
-			return leased, fault
-		}
-		p.leases = append(p.leases, events.LeaseEpoch{Resource: l.resource.String(), Mode: l.mode, Epoch: a.Seq})
+	steps, epochs, fault := s.takeLeases(ctx, c, vm.Name, vm.Image, events.LeaseHolder{ID: vm.UID, VM: vm.Name, Host: vm.Host})
+	p.leases = epochs
+	if fault != nil {
+		return steps, fault
 	}
 	res, fault := appendStep(ctx, s, s.vms, c, vm.Name, startStepPlaced, events.TypeVMPlaced, func(state *events.VMState) (events.Event, *events.Fault) {
 		if state.UID != vm.UID || state.Phase != events.PhasePlaced || state.Host != vm.Host {
@@ -219,9 +229,9 @@ func (s *Service) renewLapsed(ctx context.Context, c *command, name string) ([]e
 		return events.VMPlaced{UID: vm.UID, Host: vm.Host, AllocationSeq: p.allocSeq, Leases: p.leases, From: vm.Host, Reason: "leases-renewed"}, nil
 	})
 	if res.appended != nil {
-		leased = append(leased, *res.appended)
+		steps = append(steps, res)
 	}
-	return leased, fault
+	return steps, fault
 }
 
 // grantStanding is uid's grant l, and whether it still stands, as the

@@ -66,6 +66,9 @@ func TestGate_CreatePlacesUnderItsLeases(t *testing.T) {
 		t.Errorf("the refusal does not name the VM: %s", x.Error.Message)
 	}
 
+	// Nobody releases a running VM's grant for it.
+	wantCode(t, "release of a VM's grant", lease(t, r.nc, events.VerbRelease, releaseCmd("rel", "disk/web", vm.UID, 0)), events.CodeLeaseLive)
+
 	// Deleted and reported absent, the VM gives its leases back.
 	must(t, r.nc, events.KindVM, events.VerbDelete, vmCmd("web", "d1"))
 	caughtUp(t, b, r)

@@ -35,8 +35,8 @@ func (s *Service) serveAcquire(ctx context.Context, req *request) *events.Reply 
 		return failed(fault, nil)
 	}
 	r, _ := events.ParseResource(cmd.Resource) // Validate parsed it
-	appended, fault := s.acquire(ctx, c, leaseStep, r, cmd.Mode, cmd.LeaseHolder, false)
-	return leaseReply(appended, fault)
+	res, fault := s.acquire(ctx, c, leaseStep, r, cmd.Mode, cmd.LeaseHolder, false)
+	return leaseReply(res.appended, fault)
 }
 
 func (s *Service) serveRelease(ctx context.Context, req *request) *events.Reply {
@@ -50,9 +50,33 @@ func (s *Service) serveRelease(ctx context.Context, req *request) *events.Reply 
 		if cmd.Epoch != 0 && cmd.Epoch != g.Epoch {
 			return nil, events.Errorf(events.CodeLeaseNotFound, "%s holds %s under epoch %d, not %d", cmd.Holder, r, g.Epoch, cmd.Epoch)
 		}
+		if fault := s.vmStillHolds(ctx, g); fault != nil {
+			return nil, fault
+		}
 		return events.LeaseReleased{Holder: g.ID, Epoch: g.Epoch, Reason: cmd.Reason}, nil
 	})
 	return leaseReply(appended, fault)
+}
+
+// vmStillHolds refuses to release a VM's grant for a client while the VM
+// exists: its domain may be writing, and the grant passes on only once it
+// cannot. Loom gives it back itself when the VM is gone; an operator takes
+// it from a running VM with a forced break.
+func (s *Service) vmStillHolds(ctx context.Context, g events.LeaseGrant) *events.Fault {
+	if g.VM == "" {
+		return nil
+	}
+	fault, err := check(ctx, s, s.vms, g.VM, func(vm *events.VMState) *events.Fault {
+		if vm.UID != g.ID || !vm.Exists() {
+			return nil
+		}
+		return events.Errorf(events.CodeLeaseLive, "%s's %s grant on %s (epoch %d) belongs to VM %s, which may still be writing: it is given back once the VM is deleted and gone; to take it from a running VM, break it with force",
+			g.ID, g.Mode, g.Resource, g.Epoch, g.VM)
+	})
+	if err != nil {
+		return unavailable("read vm "+g.VM, err)
+	}
+	return fault
 }
 
 func (s *Service) serveBreak(ctx context.Context, req *request) *events.Reply {
@@ -100,26 +124,26 @@ func leaseReply(appended *events.Appended, fault *events.Fault) *events.Reply {
 // command c, or answers with the grant it already holds. internal is set
 // by a VM's own create, which may make a disk resource by taking its first
 // grant.
-func (s *Service) acquire(ctx context.Context, c *command, index int, r events.Resource, mode events.LeaseMode, holder events.LeaseHolder, internal bool) (*events.Appended, *events.Fault) {
+func (s *Service) acquire(ctx context.Context, c *command, index int, r events.Resource, mode events.LeaseMode, holder events.LeaseHolder, internal bool) (stepResult, *events.Fault) {
 	if s.stepHook != nil {
 		if err := s.stepHook(c, index); err != nil {
-			return nil, events.Errorf(events.CodeInternal, "lease %s step %d: %v", r, index, err)
+			return stepResult{}, events.Errorf(events.CodeInternal, "lease %s step %d: %v", r, index, err)
 		}
 	}
 	if fault := s.checkLeaseHolder(ctx, holder); fault != nil {
-		return nil, fault
+		return stepResult{}, fault
 	}
 	subject := events.LeaseSubject(r, mode, holder.ID)
 	if recorded, fault := s.leaseRecorded(ctx, c, subject); fault != nil || recorded != nil {
 		if fault == nil && mode == events.LeaseShared {
 			fault = s.voidFault(ctx, r, holder.ID, recorded.Seq)
 		}
-		return recorded, fault
+		return found(recorded, fault)
 	}
 	for attempt := 1; ; attempt++ {
 		expect, head, state, fault := s.acquireView(ctx, r, mode, holder.ID)
 		if fault != nil {
-			return nil, fault
+			return stepResult{}, fault
 		}
 		if g, ok := state.Grant(mode, holder.ID); ok && !g.Void && g.Host == holder.Host {
 			// Held already: by an earlier attempt of this command, or by
@@ -128,48 +152,54 @@ func (s *Service) acquire(ctx context.Context, c *command, index int, r events.R
 			// resource's last event; a shared one asks the leader whether
 			// the grant is still its subject's last.
 			if mode == events.LeaseExclusive {
-				return s.recorded(ctx, c, g.Epoch)
+				return found(s.recorded(ctx, c, g.Epoch))
 			}
 			last, err := lastOn(ctx, s, subject)
 			if err != nil {
-				return nil, unavailable("read last of "+subject, err)
+				return stepResult{}, unavailable("read last of "+subject, err)
 			}
 			if last == g.Epoch {
-				return s.recorded(ctx, c, g.Epoch)
+				return found(s.recorded(ctx, c, g.Epoch))
 			}
 			if err := s.cfg.Reader.WaitFor(ctx, last); err != nil {
-				return nil, lagging(last, err)
+				return stepResult{}, lagging(last, err)
 			}
 			continue
 		}
 		if fault := s.checkResource(ctx, r, &state, internal); fault != nil {
-			return nil, fault
+			return stepResult{}, fault
 		}
 		if fault := grantable(&state, mode, holder.ID); fault != nil {
 			if ok, err := s.leaseCurrent(ctx, r, state.Last); err != nil || !ok {
 				if err != nil {
-					return nil, unavailable("read lease "+r.String(), err)
+					return stepResult{}, unavailable("read lease "+r.String(), err)
 				}
 				continue // the refusal was decided on a lagging read: decide again
 			}
-			return nil, fault
+			return stepResult{}, fault
 		}
 		ev := events.LeaseGranted{Mode: mode, LeaseHolder: holder}
-		appended, retry, fault := s.appendLease(ctx, c, index, r, subject, ev, head, expect)
+		appended, fresh, retry, fault := s.appendLease(ctx, c, index, r, subject, ev, head, expect)
 		if fault != nil || !retry {
 			if fault == nil && mode == events.LeaseShared {
 				fault = s.checkNotVoid(ctx, r, holder.ID, appended.Seq, state)
 			}
-			return appended, fault
+			return stepResult{appended: appended, replayed: !fresh}, fault
 		}
 		if attempt >= s.cfg.MaxAttempts {
-			return nil, events.Errorf(events.CodeConflict,
+			return stepResult{}, events.Errorf(events.CodeConflict,
 				"%s kept changing: %d attempts lost to other writers; the command did not take effect, retrying is safe", r, attempt)
 		}
 		if err := backoff(ctx, attempt); err != nil {
-			return nil, unavailable("retry "+subject, err)
+			return stepResult{}, unavailable("retry "+subject, err)
 		}
 	}
+}
+
+// found is the result of a step whose event an earlier handling (or
+// another command of the same holder) appended.
+func found(a *events.Appended, f *events.Fault) (stepResult, *events.Fault) {
+	return stepResult{appended: a, replayed: a != nil}, f
 }
 
 // acquireView is what a grant decides on: the lease's state, the head of
@@ -401,7 +431,7 @@ func (s *Service) endLease(ctx context.Context, c *command, r events.Resource, h
 			return nil, fault
 		}
 		subject, head := events.LeaseSubject(r, mode, holder), heads[mode]
-		appended, retry, fault := s.appendLease(ctx, c, leaseStep, r, subject, ev, head, bus.Expect{Seq: head.Seq})
+		appended, _, retry, fault := s.appendLease(ctx, c, leaseStep, r, subject, ev, head, bus.Expect{Seq: head.Seq})
 		if fault != nil || !retry {
 			return appended, fault
 		}
@@ -435,30 +465,30 @@ func (s *Service) leaseRecorded(ctx context.Context, c *command, subject string)
 // subject after head, with expect's check. retry says the check failed and
 // the command must be decided again; a command that already appended its
 // event (a retry) gets that event.
-func (s *Service) appendLease(ctx context.Context, c *command, index int, r events.Resource, subject string, ev events.Event, head events.Head, expect bus.Expect) (*events.Appended, bool, *events.Fault) {
+func (s *Service) appendLease(ctx context.Context, c *command, index int, r events.Resource, subject string, ev events.Event, head events.Head, expect bus.Expect) (appended *events.Appended, fresh, retry bool, fault *events.Fault) {
 	env, data, err := events.Seal(ev, events.KindLease, r.String(), c.origin, index, head.Hash)
 	if err != nil {
-		return nil, false, events.Errorf(events.CodeInternal, "%v", err)
+		return nil, false, false, events.Errorf(events.CodeInternal, "%v", err)
 	}
 	ack, err := bus.AppendExpecting(ctx, s.publisher, subject, &env, data, expect, events.MsgID(c.actor, c.id, index))
 	switch {
 	case err == nil && !ack.Duplicate:
-		return &events.Appended{Seq: ack.Seq, Subject: subject, Type: env.Type, ID: env.ID}, false, nil
+		return &events.Appended{Seq: ack.Seq, Subject: subject, Type: env.Type, ID: env.ID}, true, false, nil
 	case err == nil:
 		s.metrics.repeats.Inc()
 		appended, fault := s.recorded(ctx, c, ack.Seq)
-		return appended, false, fault
+		return appended, false, false, fault
 	case errors.Is(err, bus.ErrWrongLastSeq):
 		s.metrics.conflicts.WithLabelValues(string(events.KindLease)).Inc()
 		appended, fault := s.afterConflict(ctx, c, subject, env.Type)
 		if fault != nil || appended != nil {
-			return appended, false, fault
+			return appended, false, false, fault
 		}
-		return nil, true, nil
+		return nil, false, true, nil
 	case errors.Is(err, bus.ErrTryAgain):
-		return nil, true, nil
+		return nil, false, true, nil
 	}
-	return nil, false, unavailable("append to "+subject, err)
+	return nil, false, false, unavailable("append to "+subject, err)
 }
 
 // lastOn is the sequence of the last message on subject (a filter),
