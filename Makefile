@@ -11,8 +11,8 @@ FUZZTIME ?= 10s
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-deps: ## install what Loom needs on this machine (Debian's libvirt, Go modules)
-	@ops/libvirt/install.sh
+deps: ## install what Loom needs on this machine (Debian's libvirt and QEMU, Go modules)
+	@ops/libvirt/install.sh --qemu
 	@$(GO) mod download
 
 build: ## build bin/loom

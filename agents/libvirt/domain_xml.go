@@ -39,6 +39,12 @@ type DomainSpec struct {
 	// DiskPath optionally attaches a file as virtio disk vda; a ".qcow2"
 	// suffix selects qcow2, anything else raw.
 	DiskPath string
+	// Kernel, Initrd and Cmdline, if Kernel is set, boot the guest from
+	// that kernel directly (QEMU), without a bootloader on the disk.
+	Kernel, Initrd, Cmdline string
+	// SerialPath, if set, sends the guest's first serial port (and its
+	// console) to that file, appended to.
+	SerialPath string
 }
 
 // domainXML is the subset of libvirt's domain schema Loom writes.
@@ -64,7 +70,10 @@ type memoryXML struct {
 }
 
 type osXML struct {
-	Type osTypeXML `xml:"type"`
+	Type    osTypeXML `xml:"type"`
+	Kernel  string    `xml:"kernel,omitempty"`
+	Initrd  string    `xml:"initrd,omitempty"`
+	Cmdline string    `xml:"cmdline,omitempty"`
 }
 
 type osTypeXML struct {
@@ -78,7 +87,22 @@ type featuresXML struct {
 }
 
 type devicesXML struct {
-	Disks []diskXML `xml:"disk"`
+	Disks   []diskXML   `xml:"disk"`
+	Serials []serialXML `xml:"serial"`
+	Console *serialXML  `xml:"console,omitempty"`
+}
+
+// serialXML is a serial port or console written to a file.
+type serialXML struct {
+	Type   string `xml:"type,attr"`
+	Source struct {
+		Path   string `xml:"path,attr"`
+		Append string `xml:"append,attr,omitempty"`
+	} `xml:"source"`
+	Target struct {
+		Type string `xml:"type,attr,omitempty"`
+		Port int    `xml:"port,attr"`
+	} `xml:"target"`
 }
 
 type diskXML struct {
@@ -121,8 +145,14 @@ func buildDomainXML(typ string, spec DomainSpec) (string, error) {
 	if spec.VCPUs < 0 || spec.MemoryMiB < 0 {
 		return "", fmt.Errorf("%w: vcpus %d and memory %d MiB must not be negative", ErrInvalidSpec, spec.VCPUs, spec.MemoryMiB)
 	}
-	if err := checkXMLText("disk path", spec.DiskPath); err != nil {
-		return "", err
+	for what, text := range map[string]string{"disk path": spec.DiskPath, "kernel": spec.Kernel, "initrd": spec.Initrd,
+		"cmdline": spec.Cmdline, "serial path": spec.SerialPath} {
+		if err := checkXMLText(what, text); err != nil {
+			return "", err
+		}
+	}
+	if spec.Kernel == "" && (spec.Initrd != "" || spec.Cmdline != "") {
+		return "", fmt.Errorf("%w: an initrd or a kernel command line needs a kernel", ErrInvalidSpec)
 	}
 	metadata, err := buildMetadata(spec.Metadata)
 	if err != nil {
@@ -144,6 +174,15 @@ func buildDomainXML(typ string, spec DomainSpec) (string, error) {
 	}
 	if spec.DiskPath != "" {
 		d.Devices.Disks = []diskXML{buildDisk(spec.DiskPath)}
+	}
+	d.OS.Kernel, d.OS.Initrd, d.OS.Cmdline = spec.Kernel, spec.Initrd, spec.Cmdline
+	if spec.SerialPath != "" {
+		serial := serialXML{Type: "file"}
+		serial.Source.Path, serial.Source.Append = spec.SerialPath, "on"
+		console := serial
+		console.Target.Type = "serial"
+		d.Devices.Serials = []serialXML{serial}
+		d.Devices.Console = &console
 	}
 	out, err := xml.MarshalIndent(d, "", "  ")
 	if err != nil {

@@ -88,6 +88,50 @@ func TestBuildDomainXML_RawDisk(t *testing.T) {
 	}
 }
 
+// A directly booted guest with its serial console in a file: the
+// document QEMU needs, and nothing of it when unset.
+func TestBuildDomainXML_KernelAndSerial(t *testing.T) {
+	spec := DomainSpec{Name: "g", Kernel: "/k/vmlinuz", Initrd: "/k/initrd.gz", Cmdline: "console=ttyS0 quiet", SerialPath: "/v/g.serial"}
+	got, err := buildDomainXML("qemu", spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var parsed struct {
+		OS struct {
+			Kernel  string `xml:"kernel"`
+			Initrd  string `xml:"initrd"`
+			Cmdline string `xml:"cmdline"`
+		} `xml:"os"`
+		Serial struct {
+			Type   string `xml:"type,attr"`
+			Source struct {
+				Path string `xml:"path,attr"`
+			} `xml:"source"`
+		} `xml:"devices>serial"`
+		Console struct {
+			Target struct {
+				Type string `xml:"type,attr"`
+			} `xml:"target"`
+		} `xml:"devices>console"`
+	}
+	if err := xml.Unmarshal([]byte(got), &parsed); err != nil {
+		t.Fatalf("parse: %v\n%s", err, got)
+	}
+	if parsed.OS.Kernel != spec.Kernel || parsed.OS.Initrd != spec.Initrd || parsed.OS.Cmdline != spec.Cmdline ||
+		parsed.Serial.Type != "file" || parsed.Serial.Source.Path != spec.SerialPath || parsed.Console.Target.Type != "serial" {
+		t.Fatalf("parsed %+v from\n%s", parsed, got)
+	}
+	plain, err := buildDomainXML("test", DomainSpec{Name: "g"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, absent := range []string{"<kernel", "<initrd", "<cmdline", "<serial", "<console"} {
+		if strings.Contains(plain, absent) {
+			t.Errorf("a spec without them renders %s:\n%s", absent, plain)
+		}
+	}
+}
+
 func TestBuildDomainXML_Escaping(t *testing.T) {
 	hostile := `</loom:entry><evil a="1"/>&amp;'"` + "\t\n\r"
 	spec := DomainSpec{
@@ -142,6 +186,8 @@ func TestBuildDomainXML_Invalid(t *testing.T) {
 		{name: "control char key", spec: DomainSpec{Name: "a", Metadata: map[string]string{"\x1b": "v"}}, wantErr: "U+001B"},
 		{name: "bad utf8", spec: DomainSpec{Name: "a", Metadata: map[string]string{"k": "\xff"}}, wantErr: "not valid UTF-8"},
 		{name: "nul in disk path", spec: DomainSpec{Name: "a", DiskPath: "/a\x00b"}, wantErr: "disk path"},
+		{name: "nul in serial path", spec: DomainSpec{Name: "a", SerialPath: "/a\x00b"}, wantErr: "serial path"},
+		{name: "initrd without a kernel", spec: DomainSpec{Name: "a", Initrd: "/i.gz"}, wantErr: "needs a kernel"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -101,3 +101,35 @@ func Kill(t testing.TB, socket string) {
 		t.Fatalf("kill libvirtd %d: %v", pid, err)
 	}
 }
+
+// GuestDir is where Guest keeps the tiny guest between runs.
+const GuestDir = "/var/cache/loom/guest"
+
+// Guest is the tiny guest Loom's QEMU tests boot (ops/qemu/guest.sh): a
+// directory holding vmlinuz, initrd.gz (a busybox init that prints
+// "loom-heartbeat N" on ttyS0 every second and powers off on ACPI) and
+// base.qcow2. It is built on first use; a failure fails the test.
+func Guest(t testing.TB) (dir string) {
+	t.Helper()
+	script := filepath.Join(repoRoot(t), "ops", "qemu", "guest.sh")
+	if out, err := exec.Command(script, GuestDir).CombinedOutput(); err != nil {
+		t.Fatalf("build the tiny guest: %v\n%s", err, out)
+	}
+	return GuestDir
+}
+
+// VMDir makes a directory for a QEMU guest's files (its overlay, its serial
+// log) that the QEMU process, which runs as libvirt-qemu, can reach; it is
+// removed in t.Cleanup.
+func VMDir(t testing.TB) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("/tmp", "loom-vm-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	return dir
+}
