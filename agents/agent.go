@@ -21,6 +21,7 @@ import (
 // Defaults applied to zero Config fields.
 const (
 	DefaultStopGrace       = 30 * time.Second
+	DefaultBootTimeout     = 2 * time.Minute
 	DefaultTTL             = 10 * time.Second
 	DefaultWorkers         = 8
 	DefaultRetryBackoff    = 500 * time.Millisecond
@@ -95,6 +96,15 @@ type Config struct {
 	// Unsafe switches protections off, for the tests that show what each
 	// guards: never set it in production.
 	Unsafe Unsafe
+	// StorageDir, if set, is where this host keeps its VMs' disks: a qcow2
+	// overlay on the VM's image each, and its serial console's log. Empty
+	// (simulated hosts) keeps none.
+	StorageDir string
+	// AliveMarker, if set, is what a guest prints on its serial console
+	// once it is up: the agent reports progress until it shows, for at
+	// most BootTimeout (zero means DefaultBootTimeout).
+	AliveMarker string
+	BootTimeout time.Duration
 	// Logger receives the agent's logs; nil discards them.
 	Logger *slog.Logger
 	// Now stamps the events the agent writes; nil means time.Now. Delays and
@@ -133,6 +143,9 @@ func (cfg Config) withDefaults() Config {
 	}
 	if cfg.ClockRate == 0 {
 		cfg.ClockRate = 1
+	}
+	if cfg.BootTimeout == 0 {
+		cfg.BootTimeout = DefaultBootTimeout
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)

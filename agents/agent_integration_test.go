@@ -30,6 +30,7 @@ const (
 	indexOrphan
 	indexMismatch
 	indexDaemonRestart
+	indexQEMU
 )
 
 // libvirtSetup is a bus, a real libvirtd on the test driver, a connection

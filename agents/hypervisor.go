@@ -279,14 +279,18 @@ func metadataCurrent(dom libvirt.Domain, goal events.Goal) bool {
 }
 
 // domainSpec is the libvirt definition of goal's domain.
-func domainSpec(goal events.Goal, uuid [16]byte) libvirt.DomainSpec {
-	// TODO(loom): attach the image's disk once images have a place on hosts,
-	// and refuse to define without a current lease on it (DESIGN "Leases").
-	return libvirt.DomainSpec{
+func (a *Agent) domainSpec(goal events.Goal, uuid [16]byte) libvirt.DomainSpec {
+	spec := libvirt.DomainSpec{
 		Name:      goal.VM,
 		UUID:      uuid,
 		VCPUs:     goal.Spec.CPU,
 		MemoryMiB: goal.Spec.MemoryMiB,
 		Metadata:  domainMetadata(goal),
 	}
+	spec.DiskPath, spec.SerialPath = a.vmFiles(goal)
+	if spec.DiskPath != "" && goal.Spec.Disk.Boot != nil {
+		b := goal.Spec.Disk.Boot
+		spec.Kernel, spec.Initrd, spec.Cmdline = b.Kernel, b.Initrd, b.Cmdline
+	}
+	return spec
 }

@@ -227,7 +227,10 @@ func (a *Agent) execute(ctx context.Context, hv Hypervisor, goal events.Goal, uu
 			if fault := a.checkLeases(ctx, goal); fault != nil {
 				return fault
 			}
-			err = hv.Define(ctx, domainSpec(goal, uuid))
+			if err := a.provision(ctx, goal); err != nil {
+				return err
+			}
+			err = hv.Define(ctx, a.domainSpec(goal, uuid))
 		case stepStart, stepResume:
 			if fault := a.fence.check(BootNanos()); fault != nil {
 				a.metrics.fenced.Inc()
@@ -237,7 +240,9 @@ func (a *Agent) execute(ctx context.Context, hv Hypervisor, goal events.Goal, uu
 				return fault
 			}
 			if s == stepStart {
-				err = hv.Start(ctx, goal.VM)
+				if err = hv.Start(ctx, goal.VM); err == nil && goal.Desired == events.DesiredRunning {
+					defer a.awaitAlive(ctx, goal) // once the steps are done
+				}
 			} else {
 				err = hv.Resume(ctx, goal.VM)
 			}
@@ -246,7 +251,9 @@ func (a *Agent) execute(ctx context.Context, hv Hypervisor, goal events.Goal, uu
 		case stepDestroy:
 			err = hv.Destroy(ctx, goal.VM)
 		case stepUndefine:
-			err = hv.Undefine(ctx, goal.VM)
+			if err = hv.Undefine(ctx, goal.VM); err == nil && goal.Desired == events.DesiredAbsent {
+				err = a.unprovision(goal)
+			}
 		case stepShutdown:
 			if err := a.stop(ctx, hv, goal); err != nil {
 				return err

@@ -67,6 +67,8 @@ type RegisterImage struct {
 	SizeBytes   int64  `msgpack:"size" json:"size"`
 	Source      string `msgpack:"source,omitempty" json:"source,omitempty"`
 	Checksum    string `msgpack:"checksum,omitempty" json:"checksum,omitempty"`
+	// Boot, if set, boots the image's VMs from a kernel on the hosts.
+	Boot *ImageBoot `msgpack:"boot,omitempty" json:"boot,omitempty"`
 }
 
 // CreateVM creates a VM from an image and places it on a host with room.
@@ -130,6 +132,9 @@ func (c *RegisterImage) Validate() error {
 	}
 	if c.SizeBytes < 0 {
 		return fmt.Errorf("size %d is negative", c.SizeBytes)
+	}
+	if err := c.Boot.Validate(); err != nil {
+		return err
 	}
 	return c.CommandMeta.Validate()
 }

@@ -31,6 +31,16 @@ type DomainSpec struct {
 	Image     string `msgpack:"image" json:"image"`
 	CPU       int    `msgpack:"cpu" json:"cpu"`
 	MemoryMiB int    `msgpack:"mem_mib" json:"mem_mib"`
+	// Disk is the image the VM's disk is a copy-on-write overlay of, as
+	// registered; the dispatcher fills it in from the images read model.
+	Disk *ImageDisk `msgpack:"disk,omitempty" json:"disk,omitempty"`
+}
+
+// ImageDisk is where a VM's image is on the hosts, and how it boots.
+type ImageDisk struct {
+	Source string     `msgpack:"source" json:"source"`
+	Format string     `msgpack:"format" json:"format"`
+	Boot   *ImageBoot `msgpack:"boot,omitempty" json:"boot,omitempty"`
 }
 
 // GoalOf is the goal a VM's state implies, and whether it has one: a VM

@@ -37,14 +37,16 @@ func current[T Event]() typeInfo {
 
 // registry lists every event type. It is read-only after package init.
 var registry = map[Type]typeInfo{
-	TypeHostRegistered:  current[HostRegistered](),
-	TypeHostCordoned:    current[HostCordoned](),
-	TypeHostUncordoned:  current[HostUncordoned](),
-	TypeHostAllocated:   current[HostAllocated](),
-	TypeHostReleased:    current[HostReleased](),
-	TypeHostLost:        current[HostLost](),
-	TypeHostRejoined:    current[HostRejoined](),
-	TypeImageRegistered: current[ImageRegistered](),
+	TypeHostRegistered: current[HostRegistered](),
+	TypeHostCordoned:   current[HostCordoned](),
+	TypeHostUncordoned: current[HostUncordoned](),
+	TypeHostAllocated:  current[HostAllocated](),
+	TypeHostReleased:   current[HostReleased](),
+	TypeHostLost:       current[HostLost](),
+	TypeHostRejoined:   current[HostRejoined](),
+	TypeImageRegistered: versions[ImageRegistered](map[int]func([]byte) (Event, error){
+		1: upcast(upcastImageRegisteredV1),
+	}),
 	TypeVMCreated: versions[VMCreated](map[int]func([]byte) (Event, error){
 		1: upcast(upcastVMCreatedV1),
 	}),

@@ -21,14 +21,15 @@ const schemaDir = "../schemas"
 // samples has one representative value of every event type's newest
 // version. A type without a sample fails TestSchemas_EveryTypeHasASample.
 var samples = map[Type]Event{
-	TypeHostRegistered:    HostRegistered{CPU: 8, MemoryMiB: 16384, Address: "10.0.0.1", Labels: map[string]string{"zone": "a", "rack": "r1"}},
-	TypeHostCordoned:      HostCordoned{Reason: "maintenance"},
-	TypeHostUncordoned:    HostUncordoned{},
-	TypeHostAllocated:     HostAllocated{VM: "web-1", UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", CPU: 2, MemoryMiB: 512},
-	TypeHostReleased:      HostReleased{VM: "web-1", UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Reason: "deleted"},
-	TypeHostLost:          HostLost{MarkerSeq: 4812, RenewalSeq: 4790},
-	TypeHostRejoined:      HostRejoined{RenewalSeq: 4901},
-	TypeImageRegistered:   ImageRegistered{Format: "qcow2", SizeBytes: 1 << 30, Source: "/var/lib/loom/images/demo.qcow2", Checksum: "sha256:00"},
+	TypeHostRegistered: HostRegistered{CPU: 8, MemoryMiB: 16384, Address: "10.0.0.1", Labels: map[string]string{"zone": "a", "rack": "r1"}},
+	TypeHostCordoned:   HostCordoned{Reason: "maintenance"},
+	TypeHostUncordoned: HostUncordoned{},
+	TypeHostAllocated:  HostAllocated{VM: "web-1", UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", CPU: 2, MemoryMiB: 512},
+	TypeHostReleased:   HostReleased{VM: "web-1", UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Reason: "deleted"},
+	TypeHostLost:       HostLost{MarkerSeq: 4812, RenewalSeq: 4790},
+	TypeHostRejoined:   HostRejoined{RenewalSeq: 4901},
+	TypeImageRegistered: ImageRegistered{Format: "qcow2", SizeBytes: 1 << 30, Source: "/var/lib/loom/images/demo.qcow2", Checksum: "sha256:00",
+		Boot: &ImageBoot{Kernel: "/var/lib/loom/images/vmlinuz", Initrd: "/var/lib/loom/images/initrd.gz", Cmdline: "console=ttyS0"}},
 	TypeVMCreated:         VMCreated{UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Image: "demo", CPU: 2, MemoryMiB: 512, Desired: DesiredRunning, OnHostLost: RestartElsewhere},
 	TypeVMPlaced:          VMPlaced{UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Host: "h1", AllocationSeq: 41, Leases: []LeaseEpoch{{Resource: "image/demo", Mode: LeaseShared, Epoch: 42}, {Resource: "disk/web-1", Mode: LeaseExclusive, Epoch: 43}}, From: "h0", Reason: AbsentHostLost, Reprovisioned: true},
 	TypeVMGoalChanged:     VMGoalChanged{UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Desired: DesiredPaused},
@@ -56,8 +57,9 @@ var commandSamples = map[string]any{
 	CommandSubject(KindLease, VerbBreak):    BreakLease{CommandMeta: CommandMeta{CommandID: "c8"}, Resource: "disk/web-1", Holder: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Force: true, Reason: "disk needed elsewhere"},
 	"loom.q.query":                          Query{Name: "web-1", MinSeq: 42},
 	"loom.reply.command":                    Reply{Events: []Appended{{Seq: 42, Subject: "loom.evt.vm.web-1", Type: TypeVMCreated, ID: "01J0000000000000000000000"}}},
-	"loom.goal":                             Goal{VM: "web-1", UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Host: "h1", Desired: DesiredRunning, Incarnation: 42, Spec: DomainSpec{Image: "demo", CPU: 1, MemoryMiB: 256}},
-	"loom.live":                             Renewal{Host: "h1", TTLMillis: 10000, Agent: "01J0000000000000000000000"},
+	"loom.goal": Goal{VM: "web-1", UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Host: "h1", Desired: DesiredRunning, Incarnation: 42, Spec: DomainSpec{Image: "demo", CPU: 1, MemoryMiB: 256,
+		Disk: &ImageDisk{Source: "/var/lib/loom/images/demo.qcow2", Format: "qcow2", Boot: &ImageBoot{Kernel: "/var/lib/loom/images/vmlinuz"}}}},
+	"loom.live": Renewal{Host: "h1", TTLMillis: 10000, Agent: "01J0000000000000000000000"},
 }
 
 func TestSchemas_EveryTypeHasASample(t *testing.T) {

@@ -52,6 +52,19 @@ func upcastVMCreatedV1(v vmCreatedV1) VMCreated {
 	return VMCreated{UID: v.UID, Image: v.Image, CPU: v.CPU, MemoryMiB: v.MemoryMiB, Desired: v.Desired, OnHostLost: RestartElsewhere}
 }
 
+// imageRegisteredV1 is image.registered before images could boot a
+// kernel directly.
+type imageRegisteredV1 struct {
+	Format    string `msgpack:"format"`
+	SizeBytes int64  `msgpack:"size"`
+	Source    string `msgpack:"source,omitempty"`
+	Checksum  string `msgpack:"checksum,omitempty"`
+}
+
+func upcastImageRegisteredV1(v imageRegisteredV1) ImageRegistered {
+	return ImageRegistered{Format: v.Format, SizeBytes: v.SizeBytes, Source: v.Source, Checksum: v.Checksum}
+}
+
 // vmObservedV1 is vm.observed before leases: an observation named no
 // epochs it acted under.
 type vmObservedV1 struct {

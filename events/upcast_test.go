@@ -12,9 +12,10 @@ import (
 // types that gained leases as their v2 shapes: same fields, no leases.
 func TestUpcast_V1GoldenSamplesReadAsTheNewest(t *testing.T) {
 	for file, want := range map[string]Event{
-		"vm.created.v1.msgpack":  VMCreated{UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Image: "demo", CPU: 2, MemoryMiB: 512, Desired: DesiredRunning, OnHostLost: RestartElsewhere},
-		"vm.placed.v1.msgpack":   VMPlaced{UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Host: "h1", AllocationSeq: 41},
-		"vm.observed.v1.msgpack": VMObserved{UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Incarnation: 42, State: ObservedRunning},
+		"image.registered.v1.msgpack": ImageRegistered{Format: "qcow2", SizeBytes: 1 << 30, Source: "/var/lib/loom/images/demo.qcow2", Checksum: "sha256:00"},
+		"vm.created.v1.msgpack":       VMCreated{UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Image: "demo", CPU: 2, MemoryMiB: 512, Desired: DesiredRunning, OnHostLost: RestartElsewhere},
+		"vm.placed.v1.msgpack":        VMPlaced{UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Host: "h1", AllocationSeq: 41},
+		"vm.observed.v1.msgpack":      VMObserved{UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Incarnation: 42, State: ObservedRunning},
 	} {
 		data, err := os.ReadFile(filepath.Join(schemaDir, "events", file))
 		if err != nil {

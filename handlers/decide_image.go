@@ -5,11 +5,11 @@ import "github.com/loomctl/loom/events"
 // decideRegisterImage registers a new image. Registering again with the
 // same spec changes nothing; with another spec it is refused.
 func decideRegisterImage(img events.ImageState, cmd *events.RegisterImage) (events.Event, *events.Fault) {
-	want := events.ImageRegistered{Format: cmd.Format, SizeBytes: cmd.SizeBytes, Source: cmd.Source, Checksum: cmd.Checksum}
+	want := events.ImageRegistered{Format: cmd.Format, SizeBytes: cmd.SizeBytes, Source: cmd.Source, Checksum: cmd.Checksum, Boot: cmd.Boot}
 	if !img.Registered {
 		return want, nil
 	}
-	if img.Format == want.Format && img.SizeBytes == want.SizeBytes && img.Source == want.Source && img.Checksum == want.Checksum {
+	if img.Format == want.Format && img.SizeBytes == want.SizeBytes && img.Source == want.Source && img.Checksum == want.Checksum && img.Boot.Equal(want.Boot) {
 		return nil, nil
 	}
 	return nil, events.Errorf(events.CodeImageExists,

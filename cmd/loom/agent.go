@@ -45,6 +45,8 @@ and never creates or changes streams.`,
 	cmd.Flags().DurationVar(&cfg.FenceMargin, "fence-margin", 0, "m_a: the agent starts and resumes nothing once TTL minus this has passed since its last acknowledged renewal was sent (default TTL/5)")
 	cmd.Flags().DurationVar(&cfg.StopGrace, "stop-grace", 30*time.Second, "how long a guest has to power off before it is destroyed")
 	cmd.Flags().StringVar(&cfg.HTTPAddr, "http", "", "HTTP address for /metrics (empty: none)")
+	cmd.Flags().StringVar(&cfg.StorageDir, "storage", "", "directory for the VMs' disks (qcow2 overlays on their images) and serial logs; empty: no disks (simulated hosts)")
+	cmd.Flags().StringVar(&cfg.AliveMarker, "alive-marker", "", "what a guest prints on its serial console once it is up; progress is reported until it shows")
 	cmd.Flags().StringVar(&cfg.FenceSocket, "fence-socket", "", "unixgram socket of this host's `loom fence`, told every fencing deadline (empty: no fencer)")
 	cmd.Flags().StringVar((*string)(&cfg.FencePolicy), "fence-policy", string(agents.FencePause), "what the deadline does to a running domain holding an exclusive lease: pause or destroy")
 	cmd.Flags().BoolVarP(&verbose, "verbose", "v", false, "debug logging")

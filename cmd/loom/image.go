@@ -27,6 +27,15 @@ func newImageCommand(flags *clientFlags) *cobra.Command {
 	register.Flags().Int64Var(&reg.SizeBytes, "size", 0, "virtual size in bytes")
 	register.Flags().StringVar(&reg.Source, "source", "", "where the image's bytes are (path or URL)")
 	register.Flags().StringVar(&reg.Checksum, "checksum", "", "sha256:<hex> digest of the image")
+	var boot events.ImageBoot
+	register.Flags().StringVar(&boot.Kernel, "boot-kernel", "", "boot VMs of this image from this kernel on the hosts (absolute path)")
+	register.Flags().StringVar(&boot.Initrd, "boot-initrd", "", "with --boot-kernel: the initramfs")
+	register.Flags().StringVar(&boot.Cmdline, "boot-cmdline", "", "with --boot-kernel: the kernel command line")
+	register.PreRun = func(*cobra.Command, []string) {
+		if boot != (events.ImageBoot{}) {
+			reg.Boot = &boot
+		}
+	}
 
 	list := &cobra.Command{
 		Use: "list", Short: "List images", Args: cobra.NoArgs,

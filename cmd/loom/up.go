@@ -36,12 +36,11 @@ func newUpCommand() *cobra.Command {
 control plane (as loom serve), N simulated hosts (each a private libvirtd on
 libvirt's test driver, in its own mount and network namespace, started by
 ops/libvirt/host.sh) with one agent each, and registers the hosts and a demo
-image. Ctrl-C stops everything it started. Needs root.`,
+image. With --qemu the hosts run real guests under QEMU instead: a tiny
+Linux (ops/qemu/guest.sh) registered as image "tiny", each VM a qcow2
+overlay on it. Ctrl-C stops everything it started. Needs root.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if cfg.qemu {
-				return events.Errorf(events.CodeInvalidArgument, "--qemu (real guests) is not built yet: use the test driver for now")
-			}
 			return runUp(cmd.Context(), cfg, cmd.OutOrStdout())
 		},
 	}
@@ -71,7 +70,13 @@ func runUp(ctx context.Context, cfg upConfig, out io.Writer) error {
 	}
 	defer conn.Close()
 
-	// Simulated hosts: one namespaced libvirtd each, stopped on the way out.
+	kind := simulatedHosts()
+	if cfg.qemu {
+		if kind, err = qemuHosts(ctx); err != nil {
+			return err
+		}
+	}
+	// Hosts: one namespaced libvirtd each, stopped on the way out.
 	dirs := make([]string, cfg.hosts)
 	for i := range dirs {
 		dirs[i] = filepath.Join(dataDir, "hosts", hostName(i))
@@ -91,18 +96,22 @@ func runUp(ctx context.Context, cfg upConfig, out io.Writer) error {
 		name := hostName(i)
 		// Each host has its fencer beside its agent, as on a real host.
 		fence := filepath.Join(dirs[i], "fence.sock")
+		agent, err := kind.agentConfig(name, socket, fence)
+		if err != nil {
+			return err
+		}
 		g.Go(func() error {
-			return plane.RunFencer(ctx, plane.FencerConfig{Host: name, Socket: socket, URI: "test:///default", Listen: fence}, log)
+			return plane.RunFencer(ctx, plane.FencerConfig{Host: name, Socket: socket, URI: kind.uri, Listen: fence}, log)
 		})
 		g.Go(func() error {
-			return plane.RunAgent(ctx, conn, plane.AgentConfig{Host: name, Socket: socket, URI: "test:///default", Simulated: true, FenceSocket: fence}, log)
+			return plane.RunAgent(ctx, conn, agent, log)
 		})
 	}
 	g.Go(func() error {
-		if err := registerFleet(ctx, conn, cfg); err != nil {
+		if err := registerFleet(ctx, conn, cfg, kind.image); err != nil {
 			return err
 		}
-		printWhere(out, conn, cfg, dataDir, sockets)
+		printWhere(out, conn, cfg, dataDir, sockets, kind)
 		return nil
 	})
 	err = g.Wait()
@@ -117,7 +126,7 @@ func hostName(i int) string { return fmt.Sprintf("host-%d", i+1) }
 
 // registerFleet registers the simulated hosts and the demo image, with
 // command ids fixed per data dir, so running `loom up` again is a no-op.
-func registerFleet(ctx context.Context, conn *plane.Connection, cfg upConfig) error {
+func registerFleet(ctx context.Context, conn *plane.Connection, cfg upConfig, img events.RegisterImage) error {
 	c := &client{flags: &clientFlags{actor: "loom-up", timeout: 15 * time.Second}, nc: conn.Conn}
 	send := func(kind events.Kind, body any) error {
 		// The control plane may still be starting: retry while nobody serves.
@@ -133,15 +142,13 @@ func registerFleet(ctx context.Context, conn *plane.Connection, cfg upConfig) er
 			return fmt.Errorf("register %s: %w", reg.Name, err)
 		}
 	}
-	img := events.RegisterImage{CommandMeta: events.CommandMeta{CommandID: "up-register-demo"},
-		Name: "demo", Format: "qcow2", SizeBytes: 64 << 20, Source: "builtin:demo"}
 	if err := send(events.KindImage, &img); err != nil {
-		return fmt.Errorf("register image demo: %w", err)
+		return fmt.Errorf("register image %s: %w", img.Name, err)
 	}
 	return nil
 }
 
-func printWhere(w io.Writer, conn *plane.Connection, cfg upConfig, dataDir string, sockets []string) {
+func printWhere(w io.Writer, conn *plane.Connection, cfg upConfig, dataDir string, sockets []string, kind hostKind) {
 	fmt.Fprintf(w, "\nLoom is up.\n")
 	fmt.Fprintf(w, "  NATS        %s  (client verbs find it with no flags)\n", conn.URL)
 	if cfg.httpAddr != "" {
@@ -149,8 +156,8 @@ func printWhere(w io.Writer, conn *plane.Connection, cfg upConfig, dataDir strin
 	}
 	fmt.Fprintf(w, "  data        %s\n", dataDir)
 	for i, s := range sockets {
-		fmt.Fprintf(w, "  %-10s  libvirtd %s (test driver), %d CPU, %d MiB\n", hostName(i), s, cfg.hostCPU, cfg.hostMiB)
+		fmt.Fprintf(w, "  %-10s  libvirtd %s (%s), %d CPU, %d MiB\n", hostName(i), s, kind.uri, cfg.hostCPU, cfg.hostMiB)
 	}
-	fmt.Fprintf(w, "  image       demo\n\nTry, in another shell:\n")
-	fmt.Fprintf(w, "  loom vm create web-1 --image demo --cpu 1 --mem 256 --wait 30s\n  loom vm get web-1\n  loom events tail\n\nCtrl-C stops everything.\n")
+	fmt.Fprintf(w, "  image       %s\n\nTry, in another shell:\n", kind.image.Name)
+	fmt.Fprintf(w, "  loom vm create web-1 --image %s --cpu 1 --mem 256 --wait 60s\n  loom vm get web-1\n  loom events tail\n\nCtrl-C stops everything.\n", kind.image.Name)
 }

@@ -42,6 +42,9 @@ type Reader interface {
 	VM(ctx context.Context, name string) (events.VMState, events.Head, error)
 	// AllVMs lists every VM the read model knows, gone ones included.
 	AllVMs(ctx context.Context) ([]events.VMState, error)
+	// Image is the named image: where its bytes are on the hosts, and
+	// how it boots, for the goal's domain spec.
+	Image(ctx context.Context, name string) (events.ImageState, events.Head, error)
 }
 
 // Config configures a Dispatcher.
@@ -239,6 +242,15 @@ func (d *Dispatcher) dispatch(ctx context.Context, s *events.VMState) error {
 	goal, ok := events.GoalOf(s)
 	if !ok {
 		return nil
+	}
+	if goal.Desired != events.DesiredAbsent {
+		img, _, err := d.cfg.Reader.Image(ctx, s.Image)
+		if err != nil {
+			return fmt.Errorf("read image %s: %w", s.Image, err)
+		}
+		if img.Registered && img.Source != "" {
+			goal.Spec.Disk = &events.ImageDisk{Source: img.Source, Format: img.Format, Boot: img.Boot}
+		}
 	}
 	if left, ok := leftGoal(s); ok {
 		if err := d.publish(ctx, left); err != nil {

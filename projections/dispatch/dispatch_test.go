@@ -18,8 +18,9 @@ import (
 // memReader is a VM read model in memory whose position the test controls:
 // it applies only what the test hands it.
 type memReader struct {
-	mu  sync.Mutex
-	vms map[string]events.VMState
+	mu     sync.Mutex
+	vms    map[string]events.VMState
+	images map[string]events.ImageState
 	// frozen, when set, makes reads wait until it is closed.
 	frozen chan struct{}
 }
@@ -49,6 +50,12 @@ func (r *memReader) VM(_ context.Context, name string) (events.VMState, events.H
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.vms[name], events.Head{}, nil
+}
+
+func (r *memReader) Image(_ context.Context, name string) (events.ImageState, events.Head, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.images[name], events.Head{}, nil
 }
 
 func (r *memReader) AllVMs(context.Context) ([]events.VMState, error) {
@@ -123,8 +130,10 @@ func start(t *testing.T, b *bustest.Bus, r dispatch.Reader) *dispatch.Dispatcher
 func TestDispatcher_GoalsFollowDecisionsAndNeverGoBack(t *testing.T) {
 	b := bustest.Start(t)
 	w := &writer{t: t, b: b, head: map[string]events.Head{}}
-	live := &memReader{vms: map[string]events.VMState{}}
-	lagging := &memReader{vms: map[string]events.VMState{}}
+	demo := map[string]events.ImageState{"demo": {Name: "demo", Registered: true, Format: "qcow2", Source: "/img/demo.qcow2",
+		Boot: &events.ImageBoot{Kernel: "/img/vmlinuz", Initrd: "/img/initrd.gz"}}}
+	live := &memReader{vms: map[string]events.VMState{}, images: demo}
+	lagging := &memReader{vms: map[string]events.VMState{}, images: demo}
 	vm := events.EventSubject(events.KindVM, "web-1")
 
 	created := w.append(vm, events.VMCreated{UID: "u1", Image: "demo", CPU: 1, MemoryMiB: 64, Desired: events.DesiredRunning})
@@ -142,6 +151,11 @@ func TestDispatcher_GoalsFollowDecisionsAndNeverGoBack(t *testing.T) {
 		}
 		return nil
 	})
+	// The goal says where the image is and how it boots, from the images
+	// read model.
+	if g, _ := goalOn(t, b, "h1", "web-1"); g.Spec.Disk == nil || g.Spec.Disk.Source != "/img/demo.qcow2" || g.Spec.Disk.Boot == nil || g.Spec.Disk.Boot.Kernel != "/img/vmlinuz" {
+		t.Fatalf("goal spec %+v, want the image's disk and boot", g.Spec)
+	}
 	for _, ev := range []events.Event{
 		events.VMGoalChanged{UID: "u1", Desired: events.DesiredPaused},
 		events.VMDeleted{UID: "u1", Reason: events.AbsentDeleted},

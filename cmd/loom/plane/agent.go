@@ -40,6 +40,9 @@ type AgentConfig struct {
 	ClockOffset time.Duration
 	ClockRate   float64
 	Unsafe      agents.Unsafe
+	// StorageDir keeps the host's VM disks (overlays on their images) and
+	// serial logs; AliveMarker is what a guest prints once it is up.
+	StorageDir, AliveMarker string
 }
 
 // RunAgent runs a host agent until ctx ends. It dials libvirtd again
@@ -72,8 +75,9 @@ func RunAgent(ctx context.Context, conn *Connection, cfg AgentConfig, log *slog.
 		TTL: cfg.TTL, FenceMargin: cfg.FenceMargin, StopGrace: cfg.StopGrace,
 		FenceSocket: cfg.FenceSocket, FencePolicy: cfg.FencePolicy,
 		ClockRate: cfg.ClockRate, Unsafe: cfg.Unsafe,
+		StorageDir: cfg.StorageDir, AliveMarker: cfg.AliveMarker,
 		Now:    func() time.Time { return time.Now().Add(cfg.ClockOffset) },
-		Logger: log.With("host", cfg.Host),
+		Logger: log,
 	})
 	if err != nil {
 		return err
