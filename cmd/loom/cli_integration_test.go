@@ -70,7 +70,7 @@ func TestCLI_UpCreateGetTail(t *testing.T) {
 		t.Fatalf("vm get = %+v, want running, converged, created by alice", vm)
 	}
 	table := loom("vm", "get", "web-1")
-	for _, want := range []string{"converged             true", "observed              running"} {
+	for _, want := range []string{"converged             true", "observed              running", "leases                image/demo shared@"} {
 		if !strings.Contains(table, want) {
 			t.Errorf("vm get table lacks %q:\n%s", want, table)
 		}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -110,10 +111,19 @@ func printVM(w io.Writer, output string, vm *events.VMView) error {
 	if vm.AbsentReason != "" {
 		goal += " (" + vm.AbsentReason + ")"
 	}
+	leases := make([]string, 0, len(vm.Leases))
+	for _, l := range vm.Leases {
+		leases = append(leases, fmt.Sprintf("%s %s@%d", l.Resource, l.Mode, l.Epoch))
+	}
+	moved := "-"
+	if vm.Left != "" {
+		moved = "from " + vm.Left + " (" + vm.LeftReason + ")"
+	}
 	return table(w, []string{"FIELD", "VALUE"}, [][]string{
 		{"name", vm.Name}, {"uid", vm.UID}, {"phase", string(vm.Phase)}, {"host", orDash(vm.Host)},
 		{"image", vm.Image}, {"cpu", strconv.Itoa(vm.CPU)}, {"memory", strconv.Itoa(vm.MemoryMiB) + " MiB"},
 		{"goal", goal}, {"incarnation", strconv.FormatUint(vm.Incarnation, 10)},
+		{"leases", orDash(strings.Join(leases, ", "))}, {"moved", moved}, {"on host lost", orDash(string(vm.OnHostLost))},
 		{"observed", orDash(string(vm.Observed.State))}, {"observed incarnation", strconv.FormatUint(vm.Observed.Incarnation, 10)},
 		{"observed at", ago(vm.Observed.Time)}, {"fault", fault}, {"converged", strconv.FormatBool(vm.Converged)},
 	})
