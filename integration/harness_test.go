@@ -36,6 +36,9 @@ type fleet struct {
 	// log collects the logs of the control plane and agents.
 	log     *slog.Logger
 	counter atomic.Int64
+	// qemu runs the hosts on QEMU with the tiny guest, registered as
+	// image "tiny", instead of on the test driver with image "demo".
+	qemu bool
 }
 
 // host is one simulated host: its libvirtd, a connection the harness holds
@@ -45,6 +48,8 @@ type host struct {
 	socket string
 	virt   *lv.Client
 	agent  *part
+	// storage keeps the host's VM disks (QEMU hosts only).
+	storage string
 }
 
 // part is something the harness runs and can stop and start again.
@@ -121,7 +126,19 @@ func (l *logTail) String() string {
 // with the given indexes (distinct per test so tests run in parallel).
 func newFleet(t *testing.T, daemonIndexes ...int) *fleet {
 	t.Helper()
-	f := &fleet{t: t, dir: t.TempDir(), hosts: map[string]*host{}, actor: "it-" + t.Name()}
+	return startFleet(t, false, daemonIndexes...)
+}
+
+// newQEMUFleet is newFleet with real guests: QEMU hosts, each VM a qcow2
+// overlay on the tiny guest's image "tiny".
+func newQEMUFleet(t *testing.T, daemonIndexes ...int) *fleet {
+	t.Helper()
+	return startFleet(t, true, daemonIndexes...)
+}
+
+func startFleet(t *testing.T, qemu bool, daemonIndexes ...int) *fleet {
+	t.Helper()
+	f := &fleet{t: t, dir: t.TempDir(), hosts: map[string]*host{}, actor: "it-" + t.Name(), qemu: qemu}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	var err error
@@ -135,17 +152,27 @@ func newFleet(t *testing.T, daemonIndexes ...int) *fleet {
 	for i, idx := range daemonIndexes {
 		name := "host-" + strconv.Itoa(i+1)
 		socket := libvirttest.StartDaemon(t, idx)
-		virt, err := lv.Dial(ctx, lv.Config{Socket: socket, URI: "test:///default"})
+		virt, err := lv.Dial(ctx, lv.Config{Socket: socket, URI: f.uri(), RPCTimeout: time.Minute})
 		if err != nil {
 			t.Fatalf("dial %s: %v", name, err)
 		}
 		t.Cleanup(func() { virt.Close() })
 		h := &host{name: name, socket: socket, virt: virt}
+		if qemu {
+			h.storage = libvirttest.VMDir(t)
+		}
 		f.hosts[name] = h
 		f.startAgent(name)
 		f.mustCommand(events.KindHost, events.VerbRegister, &events.RegisterHost{Name: name, CPU: 4, MemoryMiB: 4096})
 	}
-	f.mustCommand(events.KindImage, events.VerbRegister, &events.RegisterImage{Name: "demo", Format: "qcow2", SizeBytes: 1 << 26})
+	if qemu {
+		guest := libvirttest.Guest(t)
+		f.mustCommand(events.KindImage, events.VerbRegister, &events.RegisterImage{Name: "tiny", Format: "qcow2", SizeBytes: 1 << 26,
+			Source: filepath.Join(guest, "base.qcow2"), Boot: &events.ImageBoot{Kernel: filepath.Join(guest, "vmlinuz"),
+				Initrd: filepath.Join(guest, "initrd.gz"), Cmdline: "console=ttyS0 quiet"}})
+	} else {
+		f.mustCommand(events.KindImage, events.VerbRegister, &events.RegisterImage{Name: "demo", Format: "qcow2", SizeBytes: 1 << 26})
+	}
 	t.Cleanup(func() {
 		for _, h := range f.hosts {
 			h.agent.stop(t)
@@ -171,10 +198,21 @@ func (f *fleet) startPlane() {
 
 func (f *fleet) startAgent(name string) {
 	h := f.hosts[name]
+	cfg := plane.AgentConfig{Host: name, Socket: h.socket, URI: f.uri(), TTL: agentTTL(), StopGrace: time.Second}
+	if f.qemu {
+		cfg.StorageDir, cfg.AliveMarker = h.storage, "loom-heartbeat"
+	}
 	h.agent = run(func(ctx context.Context) error {
-		return plane.RunAgent(ctx, f.conn, plane.AgentConfig{Host: name, Socket: h.socket, URI: "test:///default",
-			TTL: agentTTL(), StopGrace: time.Second}, f.log.With("agent", name))
+		return plane.RunAgent(ctx, f.conn, cfg, f.log.With("agent", name))
 	})
+}
+
+// uri is the libvirt driver the fleet's hosts run.
+func (f *fleet) uri() string {
+	if f.qemu {
+		return "qemu:///system"
+	}
+	return "test:///default"
 }
 
 // command sends a command with a fresh command id (unless the body has one)

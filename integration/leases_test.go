@@ -5,6 +5,8 @@ package integration
 import (
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -95,4 +97,48 @@ func checkExclusiveHistory(t *testing.T, f *fleet, resource string, grants int) 
 	if made < grants {
 		t.Fatalf("%d exclusive grants on %s, want at least %d", made, resource, grants)
 	}
+}
+
+// The same with real guests: the VM of a killed QEMU host is provisioned
+// again from its image on the other host (its disk was local), boots, and
+// runs there.
+func TestLeases_KilledQEMUHostsVMBootsElsewhereFromItsImage(t *testing.T) {
+	f := newQEMUFleet(t, 30, 31)
+	reply := f.mustCommand(events.KindVM, events.VerbCreate, &events.CreateVM{Name: "web", Image: "tiny", CPU: 1, MemoryMiB: 128})
+	waitFor(t, 120*time.Second, "web running on QEMU", func() error {
+		vm, err := f.vm("web", reply.LastSeq())
+		if err != nil {
+			return err
+		}
+		if !vm.Converged || vm.Observed.State != events.ObservedRunning {
+			return fmt.Errorf("web %s@%d", vm.Observed.State, vm.Observed.Incarnation)
+		}
+		return nil
+	})
+	before, _ := f.vm("web", 0)
+	victim := f.hosts[before.Host]
+	victim.agent.stop(t)
+	libvirttest.Kill(t, victim.socket)
+	killed := time.Now()
+
+	var after events.VMView
+	waitFor(t, 120*time.Second, "web running elsewhere", func() error {
+		var err error
+		if after, err = f.vm("web", 0); err != nil {
+			return err
+		}
+		if after.Host == before.Host || !after.Converged || after.Observed.State != events.ObservedRunning {
+			return fmt.Errorf("web on %s, %s@%d", after.Host, after.Observed.State, after.Observed.Incarnation)
+		}
+		return nil
+	})
+	t.Logf("killed %s; web booted on %s %s later (TTL %s)", before.Host, after.Host, time.Since(killed).Round(100*time.Millisecond), agentTTL())
+	overlay := filepath.Join(f.hosts[after.Host].storage, "web-"+after.UID+".qcow2")
+	if _, err := os.Stat(overlay); err != nil {
+		t.Fatalf("no disk provisioned again from the image on %s: %v", after.Host, err)
+	}
+	if got := f.domainState(after.Host, "web"); got != "running" {
+		t.Fatalf("QEMU on %s says web is %s", after.Host, got)
+	}
+	checkExclusiveHistory(t, f, "disk/web", 2)
 }
