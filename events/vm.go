@@ -141,9 +141,13 @@ type VMState struct {
 	// OnHostLost is the VM's host-loss policy.
 	OnHostLost HostLostPolicy `msgpack:"on_host_lost,omitempty" json:"on_host_lost,omitempty"`
 	// Left is the host the VM was last moved off, whose goal must say
-	// absent (LeftReason) so that it never resumes the VM there.
+	// absent (LeftReason) so that it never resumes the VM there; LeftAt
+	// is the incarnation of that absent goal, and LeftGone says the host
+	// reported the VM absent under it, so its goal subject may go.
 	Left       string `msgpack:"left,omitempty" json:"left,omitempty"`
 	LeftReason string `msgpack:"left_reason,omitempty" json:"left_reason,omitempty"`
+	LeftAt     uint64 `msgpack:"left_at,omitempty" json:"left_at,omitempty"`
+	LeftGone   bool   `msgpack:"left_gone,omitempty" json:"left_gone,omitempty"`
 	// Observed is the host agent's last report.
 	Observed Observation `msgpack:"observed" json:"observed"`
 }
@@ -196,7 +200,7 @@ func (s *VMState) Apply(rec *Record) error {
 				return fmt.Errorf("vm %s: moved off %s, but it is %s on %q", s.Name, ev.From, s.Phase, s.Host)
 			}
 			if ev.From != ev.Host { // placed again on its own host (new grants) leaves nothing
-				s.Left, s.LeftReason = ev.From, ev.Reason
+				s.Left, s.LeftReason, s.LeftAt, s.LeftGone = ev.From, ev.Reason, rec.Seq, false
 				s.Observed = Observation{}
 			}
 		}
@@ -233,6 +237,14 @@ func (s *VMState) Apply(rec *Record) error {
 // models flag it.
 func (s *VMState) applyObservation(rec *Record, ev VMObserved) error {
 	addr, err := ParseEventSubject(rec.Subject)
+	if err == nil && addr.Observed && ev.UID == s.UID && s.Left != "" && addr.Host == s.Left && addr.Host != s.Host {
+		// The host the VM was moved off came back and destroyed it there:
+		// its absent goal may go.
+		if ev.State == ObservedAbsent && ev.Incarnation >= s.LeftAt {
+			s.LeftGone = true
+		}
+		return nil
+	}
 	if err != nil || !addr.Observed || ev.UID != s.UID || addr.Host != s.Host {
 		return nil // another incarnation, or a host the VM is not on: not about this VM
 	}

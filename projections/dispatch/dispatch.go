@@ -252,8 +252,12 @@ func (d *Dispatcher) dispatch(ctx context.Context, s *events.VMState) error {
 			goal.Spec.Disk = &events.ImageDisk{Source: img.Source, Format: img.Format, Boot: img.Boot}
 		}
 	}
-	if left, ok := leftGoal(s); ok {
+	if left, ok := leftGoal(s); ok && !s.LeftGone {
 		if err := d.publish(ctx, left); err != nil {
+			return err
+		}
+	} else if ok {
+		if err := d.purge(ctx, events.GoalSubject(s.Left, s.Name), s.Incarnation); err != nil {
 			return err
 		}
 	}
@@ -344,11 +348,16 @@ func (d *Dispatcher) refresh(ctx context.Context, subject string) error {
 // removeGoal purges a gone VM's goal subject, but only up to the goal that
 // sent it away, so a newer incarnation's goal on the same subject survives.
 func (d *Dispatcher) removeGoal(ctx context.Context, s *events.VMState) error {
-	subject := events.GoalSubject(s.Host, s.Name)
+	return d.purge(ctx, events.GoalSubject(s.Host, s.Name), s.Incarnation)
+}
+
+// purge removes the goal on subject if the one standing is not newer than
+// incarnation.
+func (d *Dispatcher) purge(ctx context.Context, subject string, incarnation uint64) error {
 	d.mu.Lock()
 	have, ok := d.goals[subject]
 	d.mu.Unlock()
-	if !ok || have.incarnation > s.Incarnation {
+	if !ok || have.incarnation > incarnation {
 		return nil
 	}
 	stream, err := d.cfg.JS.Stream(ctx, events.StreamGoals)
@@ -363,7 +372,7 @@ func (d *Dispatcher) removeGoal(ctx context.Context, s *events.VMState) error {
 		delete(d.goals, subject)
 	}
 	d.mu.Unlock()
-	d.log.Debug("goal removed", "vm", s.Name, "host", s.Host)
+	d.log.Debug("goal removed", "subject", subject)
 	return nil
 }
 

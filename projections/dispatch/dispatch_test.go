@@ -320,3 +320,39 @@ func TestDispatcher_StalledDispatcherLosesTheRace(t *testing.T) {
 		t.Fatalf("goal moved back to %+v", g)
 	}
 }
+
+// A VM moved off a lost host leaves that host an absent goal, so that the
+// host, if it comes back, destroys it; once the host reports it absent,
+// that goal goes.
+func TestDispatcher_HostLeftGetsAbsentGoalUntilItReportsAbsent(t *testing.T) {
+	b := bustest.Start(t)
+	w := &writer{t: t, b: b, head: map[string]events.Head{}}
+	r := &memReader{vms: map[string]events.VMState{}}
+	vm := events.EventSubject(events.KindVM, "a")
+	r.apply(t, w.append(vm, events.VMCreated{UID: "u1", Image: "i", CPU: 1, MemoryMiB: 1, Desired: events.DesiredRunning}))
+	r.apply(t, w.append(vm, events.VMPlaced{UID: "u1", Host: "h1", AllocationSeq: 1}))
+	d := start(t, b, r)
+	moved := w.append(vm, events.VMPlaced{UID: "u1", Host: "h2", AllocationSeq: 2, From: "h1", Reason: events.AbsentHostLost, Reprovisioned: true})
+	r.apply(t, moved)
+	d.Notify([]string{"a"})
+	waitFor(t, "goals on both hosts", func() error {
+		left, _ := goalOn(t, b, "h1", "a")
+		now, _ := goalOn(t, b, "h2", "a")
+		if left.Desired != events.DesiredAbsent || left.AbsentReason != events.AbsentHostLost || now.Desired != events.DesiredRunning || now.Incarnation != moved.Seq {
+			return fmt.Errorf("h1 %+v, h2 %+v", left, now)
+		}
+		return nil
+	})
+	// h1 comes back and destroys the VM there.
+	r.apply(t, w.append(events.ObservationSubject("h1", events.KindVM, "a"), events.VMObserved{UID: "u1", Incarnation: moved.Seq, State: events.ObservedAbsent}))
+	d.Notify([]string{"a"})
+	waitFor(t, "h1's goal removed", func() error {
+		if g, ok := goalOn(t, b, "h1", "a"); ok {
+			return fmt.Errorf("h1's goal still there: %+v", g)
+		}
+		return nil
+	})
+	if g, ok := goalOn(t, b, "h2", "a"); !ok || g.Desired != events.DesiredRunning {
+		t.Fatalf("h2's goal %+v, %v", g, ok)
+	}
+}
