@@ -23,7 +23,7 @@ import (
 //
 //	v1/lease/<resource>                          head-less rowValue of LeaseState without Shared
 //	v1/lease-shared/<part resource><holder>      events.LeaseGrant
-//	v1/lease-host/<part host><part resource><part holder>    empty
+//	v1/lease-host/<part host><part resource><part holder><part mode>  empty
 //	v1/lease-holder/<part holder><part resource><part mode>  empty
 
 var (
@@ -103,7 +103,7 @@ func (b *batch) writeLeaseEntries(pb *pebble.Batch, enc *encoder) error {
 	for _, e := range entries {
 		before := b.leaseBefore[e]
 		after, ok := slot(&b.r.leases.touched[e.resource].state, e)
-		if before.Epoch != 0 && (!ok || before.Host != after.Host || before.ID != after.ID) {
+		if before.Epoch != 0 && (!ok || before.Host != after.Host || before.ID != after.ID || before.Mode != after.Mode) {
 			if err := deleteLeaseIndex(pb, before); err != nil {
 				return err
 			}
@@ -156,8 +156,11 @@ func leaseHostPrefix(host string) []byte {
 	return appendPart(append([]byte(nil), prefixLeaseHost...), host)
 }
 
+// leaseHostKey names the grant's slot, mode included: a holder can stand
+// in both of a resource's slots at once (an exclusive grant, and a void
+// shared one), and the two must not share an index key.
 func leaseHostKey(g events.LeaseGrant) []byte {
-	return appendPart(appendPart(leaseHostPrefix(g.Host), g.Resource), g.ID)
+	return appendPart(appendPart(appendPart(leaseHostPrefix(g.Host), g.Resource), g.ID), string(g.Mode))
 }
 
 func leaseHolderPrefix(holder string) []byte {
