@@ -98,7 +98,7 @@ func TestAgent_PausesAtTheDeadlineAndResumesAfter(t *testing.T) {
 			if err := s.bus.JS.DeleteStream(ctx, events.StreamLiveness); err != nil {
 				t.Fatal(err)
 			}
-			waitFor(t, 10*time.Second, func() error {
+			waitFor(t, 30*time.Second, func() error {
 				if n := metricValue(t, a.Agent, "loom_agent_liveness_renewals_total", map[string]string{"result": "error"}); n < 4 {
 					return fmt.Errorf("%v failed renewals", n)
 				}
@@ -111,7 +111,7 @@ func TestAgent_PausesAtTheDeadlineAndResumesAfter(t *testing.T) {
 				}
 				return
 			}
-			waitFor(t, 10*time.Second, func() error {
+			waitFor(t, 30*time.Second, func() error {
 				if d, _ := s.host.domain("vm1"); d.state != libvirt.StatePaused {
 					return fmt.Errorf("domain %v, want paused past the deadline", d.state)
 				}
@@ -123,7 +123,7 @@ func TestAgent_PausesAtTheDeadlineAndResumesAfter(t *testing.T) {
 			if err := bus.EnsureStreams(ctx, s.bus.JS, bus.StreamsConfig{}); err != nil {
 				t.Fatal(err)
 			}
-			waitFor(t, 10*time.Second, func() error {
+			waitFor(t, 30*time.Second, func() error {
 				if d, _ := s.host.domain("vm1"); d.state != libvirt.StateRunning {
 					return fmt.Errorf("domain %v, want running again", d.state)
 				}

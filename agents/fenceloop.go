@@ -36,7 +36,18 @@ func (a *Agent) fenceLoop(ctx context.Context) error {
 			return nil
 		}
 		a.log.Info("liveness renewals acknowledged again: resuming what is still leased")
+		a.clearBackoffs() // what failed while fenced failed for the fence, not for itself
 		a.enqueueAll()
+	}
+}
+
+// clearBackoffs forgets every VM's failures, so the next reconcile of each
+// comes at once.
+func (a *Agent) clearBackoffs() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, v := range a.vms {
+		v.failures, v.holdUntil = 0, time.Time{}
 	}
 }
 
