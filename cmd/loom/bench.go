@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"runtime/pprof"
 	"sort"
 	"time"
 
@@ -22,6 +23,9 @@ type benchConfig struct {
 	sync     string
 	keep     bool
 	verbose  bool
+	// cpuProfile, if set, receives a CPU profile of the whole run: server,
+	// control plane and clients share this process.
+	cpuProfile string
 }
 
 func newBenchCommand() *cobra.Command {
@@ -45,6 +49,17 @@ func newBenchCommand() *cobra.Command {
 Every part starts its own embedded NATS in a temporary directory. Needs root for converge.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if cfg.cpuProfile != "" {
+				f, err := os.Create(cfg.cpuProfile)
+				if err != nil {
+					return err
+				}
+				defer func() { _ = f.Close() }()
+				if err := pprof.StartCPUProfile(f); err != nil {
+					return err
+				}
+				defer pprof.StopCPUProfile()
+			}
 			return runBench(cmd.Context(), cfg, cmd.OutOrStdout())
 		},
 	}
@@ -55,6 +70,7 @@ Every part starts its own embedded NATS in a temporary directory. Needs root for
 	cmd.Flags().IntVar(&cfg.vms, "vms", 1000, "VMs for converge")
 	cmd.Flags().StringVar(&cfg.sync, "sync", "always", "embedded NATS durability for every part: always, or an fsync interval")
 	cmd.Flags().BoolVar(&cfg.keep, "keep", false, "keep the temporary directories")
+	cmd.Flags().StringVar(&cfg.cpuProfile, "cpuprofile", "", "write a CPU profile of the run to this file (go tool pprof)")
 	cmd.Flags().BoolVarP(&cfg.verbose, "verbose", "v", false, "log what the control plane and agents do (converge)")
 	return cmd
 }
