@@ -101,7 +101,7 @@ func TestCLI_UpCreateGetTail(t *testing.T) {
 	}
 	order := regexp.MustCompile(`(?s)vm\.created .*by alice.*host\.allocated .*vm\.placed .*host-\d.*vm\.observed .*by agent:host-\d.*"state":"running"`)
 	onHost := loom("events", "tail", "--no-follow", "--host", vm.Host)
-	for _, want := range []string{"host.registered", "host.allocated", "vm.observed"} {
+	for _, want := range []string{"host.registered", "host.allocated", "vm.observed", "vm.placed", "lease.granted"} {
 		if !strings.Contains(onHost, want) || strings.Contains(onHost, "vm.created") {
 			t.Errorf("events tail --host %s lacks %s or shows another subject's events:\n%s", vm.Host, want, onHost)
 		}

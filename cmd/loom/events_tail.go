@@ -46,7 +46,7 @@ func newEventsCommand(flags *clientFlags) *cobra.Command {
 	tail.Flags().StringVar(&tf.from, "from", "", "start at this stream sequence or RFC 3339 time (default: the last --last events)")
 	tail.Flags().IntVar(&tf.last, "last", 50, "without --from, start this many events before the end")
 	tail.Flags().StringSliceVar(&tf.types, "type", nil, "only events of these types (repeat or separate with commas, e.g. vm.created,vm.placed)")
-	tail.Flags().StringVar(&tf.host, "host", "", "only this host's own events (registration, allocations, cordons) and its agent's observations")
+	tail.Flags().StringVar(&tf.host, "host", "", "only what concerns this host: its own events (registration, allocations, cordons, loss), its agent's observations, the decisions about VMs from their placement on it, and the grants of holders on it")
 	tail.Flags().StringVar(&tf.actor, "actor", "", "only events by this actor")
 	tail.Flags().BoolVar(&tf.noFollow, "no-follow", false, "stop at the end of the history instead of following")
 	tail.Flags().BoolVar(&tf.json, "json", false, "JSON lines, one event per line (the same as -o json)")
@@ -83,8 +83,11 @@ func tailEvents(ctx context.Context, c *client, tf tailFlags, w io.Writer) error
 			return events.Errorf(events.CodeInvalidArgument, "--from %q: want a sequence number or an RFC 3339 time", tf.from)
 		}
 	}
+	var onHost *hostFilter
 	if tf.host != "" {
-		cfg.FilterSubjects = []string{events.HostObservations(tf.host), events.EventSubject(events.KindHost, tf.host)}
+		cfg.FilterSubjects = []string{events.HostObservations(tf.host), events.EventSubject(events.KindHost, tf.host),
+			events.EventSubject(events.KindVM, "*"), events.EventSubject(events.KindLease, ">")}
+		onHost = newHostFilter(tf.host)
 	}
 	cons, err := stream.OrderedConsumer(ctx, cfg)
 	if err != nil {
@@ -120,7 +123,7 @@ func tailEvents(ctx context.Context, c *client, tf tailFlags, w io.Writer) error
 			return err
 		}
 		rec, decodeErr := events.DecodeRecord(meta.Sequence.Stream, msg.Subject(), meta.Timestamp, msg.Data())
-		if tf.match(&rec, decodeErr) {
+		if tf.match(&rec, decodeErr) && onHost.keeps(&rec, decodeErr) {
 			if err := printRecord(w, c.flags.output, &rec, decodeErr); err != nil {
 				return err
 			}
