@@ -127,7 +127,9 @@ func countReconciles(vm string) (func(*Agent), *atomic.Int64) {
 func publishGoal(t testing.TB, js jetstream.JetStream, goal events.Goal) {
 	t.Helper()
 	if goal.Leases == nil && goal.Desired != events.DesiredAbsent {
-		key := fmt.Sprintf("%p/%s/%s/%s", js, goal.Host, goal.VM, goal.UID)
+		// The server's id, not the JetStream value's address: a test's
+		// bus may be freed and another's allocated at the same address.
+		key := fmt.Sprintf("%s/%s/%s/%s", js.Conn().ConnectedServerId(), goal.Host, goal.VM, goal.UID)
 		if held, ok := grantsHeld.Load(key); ok {
 			goal.Leases = held.([]events.LeaseEpoch)
 		} else {
