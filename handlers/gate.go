@@ -213,6 +213,20 @@ func (s *Service) renewLapsed(ctx context.Context, c *command, name string) ([]s
 	if !lapsed && len(vm.Leases) > 0 {
 		return nil, nil
 	}
+	fault, err := check(ctx, s, s.hosts, vm.Host, func(h *hostView) *events.Fault {
+		if h.state.Lost {
+			return events.Errorf(events.CodeHostNotFound, "host %s was declared lost", vm.Host)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, unavailable("read host "+vm.Host, err)
+	}
+	if fault != nil {
+		// Left stopped on a host declared lost, its grants expired: it
+		// starts elsewhere, as the scheduler moves a VM that was running.
+		return s.moveToStart(ctx, c, vm)
+	}
 	p := placement{host: vm.Host}
 	if a, ok := s.findAllocation(vm.Name, vm.UID, ""); ok && a.host == vm.Host {
 		p.allocSeq = a.allocSeq
@@ -230,6 +244,26 @@ func (s *Service) renewLapsed(ctx context.Context, c *command, name string) ([]s
 	})
 	if res.appended != nil {
 		steps = append(steps, res)
+	}
+	return steps, fault
+}
+
+// moveToStart moves vm off its lost host to start it: a new allocation on
+// another host, new grants there, and vm.placed naming the host it left.
+func (s *Service) moveToStart(ctx context.Context, c *command, vm events.VMState) ([]stepResult, *events.Fault) {
+	defer s.holds.release(vm.UID)
+	p, allocated, fault := s.allocateExcept(ctx, c, vm.Name, vm.UID, capacity{vm.CPU, vm.MemoryMiB}, vm.Host)
+	var steps []stepResult
+	if allocated.appended != nil {
+		steps = append(steps, allocated)
+	}
+	if fault != nil {
+		return steps, fault
+	}
+	placed, leased, fault := s.placeLeasedFrom(ctx, c, vm.Name, vm.UID, vm.Image, p, vm.Host)
+	steps = append(steps, leased...)
+	if placed.appended != nil {
+		steps = append(steps, placed)
 	}
 	return steps, fault
 }

@@ -2,6 +2,7 @@ package handlers
 
 import (
 	"context"
+	"slices"
 	"testing"
 
 	"github.com/loomctl/loom/events"
@@ -178,5 +179,35 @@ func TestGate_StartRenewsLapsedGrants(t *testing.T) {
 	again := call(t, r.nc, events.KindVM, events.VerbStart, events.FormatMsgpack, "alice", vmCmd("web", "s1"))
 	if again.Error != nil || !again.Replayed || lastSeq(t, b) != seq {
 		t.Fatalf("retry: %+v", again)
+	}
+}
+
+// A VM left stopped on a host that was declared lost stays there until it
+// is started; the start then moves it to another host under new grants.
+func TestHostLoss_StartMovesAStoppedVMOffALostHost(t *testing.T) {
+	b, r, _ := schedulerFixture(t)
+	ctx := context.Background()
+	createVM(t, b, r, "web")
+	must(t, r.nc, events.KindVM, events.VerbStop, vmCmd("web", "stop"))
+	caughtUp(t, b, r)
+	before, _, _ := r.reader.VM(ctx, "web")
+	declareLost(t, r, before.Host, 100)
+	reconcile(t, b, r) // expires its grants
+	reconcile(t, b, r) // a stopped VM does not move by itself
+	if vm, _, _ := r.reader.VM(ctx, "web"); vm.Host != before.Host {
+		t.Fatalf("a stopped VM moved by itself: %+v", vm)
+	}
+
+	reply := call(t, r.nc, events.KindVM, events.VerbStart, events.FormatMsgpack, "alice", vmCmd("web", "start"))
+	if reply.Error != nil {
+		t.Fatal(reply.Error)
+	}
+	caughtUp(t, b, r)
+	after, _, _ := r.reader.VM(ctx, "web")
+	if after.Host == before.Host || after.Left != before.Host || after.Desired != events.DesiredRunning || len(after.Leases) != 2 {
+		t.Fatalf("after the start: %+v", after)
+	}
+	if !slices.Contains(types(reply.Events), events.TypeHostAllocated) || !slices.Contains(types(reply.Events), events.TypeVMGoalChanged) {
+		t.Fatalf("start appended %v", types(reply.Events))
 	}
 }
