@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -15,9 +14,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/loomctl/loom/cmd/loom/plane"
 	"github.com/loomctl/loom/events"
-	"github.com/loomctl/loom/events/bus"
 )
 
 // benchCreate measures vm.create commands/s with cfg.clients concurrent
@@ -63,27 +60,11 @@ var (
 // subjects, each publish carrying the subject's last sequence, one
 // operation being a publish to each of steps in turn.
 func rawPublishRate(ctx context.Context, cfg benchConfig, dir string, steps []string) (float64, error) {
-	scfg, err := benchServerConfig(cfg, dir)
-	if err != nil {
-		return 0, err
-	}
-	srv, err := bus.StartServer(ctx, scfg)
+	srv, err := startBenchBus(ctx, cfg, dir)
 	if err != nil {
 		return 0, err
 	}
 	defer srv.Stop()
-	setup, err := nats.Connect(srv.ClientURL())
-	if err != nil {
-		return 0, err
-	}
-	defer setup.Close()
-	js, err := jetstream.New(setup)
-	if err != nil {
-		return 0, err
-	}
-	if err := bus.EnsureStreams(ctx, js, bus.StreamsConfig{}); err != nil {
-		return 0, err
-	}
 	var total atomic.Int64
 	err = runClients(ctx, cfg, srv.ClientURL(), func(ctx context.Context, nc *nats.Conn, client int) error {
 		cjs, err := jetstream.New(nc)
@@ -115,33 +96,16 @@ func rawPublishRate(ctx context.Context, cfg benchConfig, dir string, steps []st
 // createRate runs the control plane on a fresh embedded server and measures
 // vm.create requests from clients over TCP.
 func createRate(ctx context.Context, cfg benchConfig, dir string) (float64, []time.Duration, error) {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return 0, nil, err
-	}
-	nc := plane.NATSConfig{Listen: "127.0.0.1:0", Sync: cfg.sync, Replicas: 1}
-	conn, err := plane.Connect(ctx, nc, dir, "loom-bench", quietLogger())
+	conn, stop, err := startBenchPlane(ctx, cfg, dir, quietLogger())
 	if err != nil {
 		return 0, nil, err
 	}
-	defer conn.Close()
-	planeCtx, stopPlane := context.WithCancel(ctx)
-	planeDone := make(chan error, 1)
-	go func() {
-		planeDone <- plane.RunControlPlane(planeCtx, conn, plane.ControlPlaneConfig{DataDir: dir}, quietLogger())
-	}()
-	defer func() { stopPlane(); <-planeDone }()
-
-	admin := &client{flags: &clientFlags{actor: "bench", timeout: 10 * time.Second}, nc: conn.Conn}
-	const hosts = 64
-	for i := 0; i < hosts; i++ {
-		reg := events.RegisterHost{CommandMeta: events.CommandMeta{CommandID: "bench-host-" + strconv.Itoa(i)},
-			Name: "bench-" + strconv.Itoa(i), CPU: events.MaxCPU, MemoryMiB: events.MaxMemoryMiB}
-		if err := retryUnavailable(ctx, func() error { _, err := admin.command(ctx, events.KindHost, events.VerbRegister, &reg); return err }); err != nil {
-			return 0, nil, err
-		}
+	defer stop()
+	hosts := make([]string, 64)
+	for i := range hosts {
+		hosts[i] = "bench-" + strconv.Itoa(i)
 	}
-	img := events.RegisterImage{CommandMeta: events.CommandMeta{CommandID: "bench-image"}, Name: "bench", Format: "raw"}
-	if _, err := admin.command(ctx, events.KindImage, events.VerbRegister, &img); err != nil {
+	if err := registerBench(ctx, conn.Conn, hosts, []string{"bench"}); err != nil {
 		return 0, nil, err
 	}
 

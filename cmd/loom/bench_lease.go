@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -19,7 +18,6 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/oklog/ulid/v2"
 
-	"github.com/loomctl/loom/cmd/loom/plane"
 	"github.com/loomctl/loom/events"
 	"github.com/loomctl/loom/events/bus"
 )
@@ -147,20 +145,11 @@ func benchHolder(client int) string { return "holder-" + strconv.Itoa(client) }
 // image/bench-<client>. A pair counts if it completed within the run.
 func leaseRate(ctx context.Context, cfg benchConfig, dir string, mode events.LeaseMode, log *slog.Logger) (leaseRun, error) {
 	run := leaseRun{stale: new(atomic.Int64)}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return run, err
-	}
-	conn, err := plane.Connect(ctx, plane.NATSConfig{Listen: "127.0.0.1:0", Sync: cfg.sync, Replicas: 1}, dir, "loom-bench", log)
+	conn, stop, err := startBenchPlane(ctx, cfg, dir, log)
 	if err != nil {
 		return run, err
 	}
-	defer conn.Close()
-	planeCtx, stopPlane := context.WithCancel(ctx)
-	planeDone := make(chan error, 1)
-	go func() {
-		planeDone <- plane.RunControlPlane(planeCtx, conn, plane.ControlPlaneConfig{DataDir: dir}, log)
-	}()
-	defer func() { stopPlane(); <-planeDone }()
+	defer stop()
 
 	resource := func(int) string { return "image/bench" }
 	images := []string{"bench"}
@@ -171,7 +160,7 @@ func leaseRate(ctx context.Context, cfg benchConfig, dir string, mode events.Lea
 			images = append(images, "bench-"+strconv.Itoa(i))
 		}
 	}
-	if err := registerLeaseFixtures(ctx, conn.Conn, images); err != nil {
+	if err := registerBench(ctx, conn.Conn, []string{benchLeaseHost}, images); err != nil {
 		return run, err
 	}
 
@@ -252,27 +241,6 @@ func acquireFresh(ctx context.Context, c *client, acq events.AcquireLease, relea
 	}
 }
 
-// registerLeaseFixtures registers the host the holders run on and the
-// images they lease, through the commands.
-func registerLeaseFixtures(ctx context.Context, nc *nats.Conn, images []string) error {
-	admin := &client{flags: &clientFlags{actor: "bench", timeout: 10 * time.Second}, nc: nc}
-	reg := events.RegisterHost{CommandMeta: events.CommandMeta{CommandID: "bench-host"},
-		Name: benchLeaseHost, CPU: events.MaxCPU, MemoryMiB: events.MaxMemoryMiB}
-	if err := retryUnavailable(ctx, func() error {
-		_, err := admin.command(ctx, events.KindHost, events.VerbRegister, &reg)
-		return err
-	}); err != nil {
-		return fmt.Errorf("register host %s: %w", reg.Name, err)
-	}
-	for _, name := range images {
-		img := events.RegisterImage{CommandMeta: events.CommandMeta{CommandID: "bench-image-" + name}, Name: name, Format: "raw"}
-		if _, err := admin.command(ctx, events.KindImage, events.VerbRegister, &img); err != nil {
-			return fmt.Errorf("register image %s: %w", name, err)
-		}
-	}
-	return nil
-}
-
 // sealedEvent is an event ready to store.
 type sealedEvent struct {
 	env  events.Envelope
@@ -296,32 +264,6 @@ func sealedLeasePair(resource string, client int) ([2]sealedEvent, error) {
 		pair[i] = sealedEvent{env, data}
 	}
 	return pair, nil
-}
-
-// startBenchBus starts a fresh embedded server with cfg's durability and
-// creates Loom's streams.
-func startBenchBus(ctx context.Context, cfg benchConfig, dir string) (*bus.Server, error) {
-	scfg, err := benchServerConfig(cfg, dir)
-	if err != nil {
-		return nil, err
-	}
-	srv, err := bus.StartServer(ctx, scfg)
-	if err != nil {
-		return nil, err
-	}
-	setup, err := nats.Connect(srv.ClientURL())
-	if err == nil {
-		var js jetstream.JetStream
-		if js, err = jetstream.New(setup); err == nil {
-			err = bus.EnsureStreams(ctx, js, bus.StreamsConfig{})
-		}
-		setup.Close()
-	}
-	if err != nil {
-		srv.Stop()
-		return nil, err
-	}
-	return srv, nil
 }
 
 // rawPairRate is the baseline: each client appends the sealed events of a

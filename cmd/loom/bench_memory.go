@@ -10,9 +10,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/loomctl/loom/cmd/loom/plane"
 	"github.com/loomctl/loom/events"
-	"github.com/loomctl/loom/events/bus"
 )
 
 // benchMemory measures the NATS server's memory per 10,000 aggregates: the
@@ -85,33 +83,3 @@ func heapInUse() uint64 {
 }
 
 func numCPU() int { return runtime.NumCPU() }
-
-// inProcessBus starts an embedded server that listens on no port, connects
-// to it in-process and creates Loom's streams. stop undoes it all.
-func inProcessBus(ctx context.Context, scfg bus.ServerConfig) (js jetstream.JetStream, stop func(), err error) {
-	scfg.NoListen = true
-	srv, err := bus.StartServer(ctx, scfg)
-	if err != nil {
-		return nil, nil, err
-	}
-	nc, err := nats.Connect("", nats.InProcessServer(srv))
-	if err != nil {
-		srv.Stop()
-		return nil, nil, err
-	}
-	stop = func() { nc.Close(); srv.Stop() }
-	if js, err = jetstream.New(nc); err == nil {
-		err = bus.EnsureStreams(ctx, js, bus.StreamsConfig{})
-	}
-	if err != nil {
-		stop()
-		return nil, nil, err
-	}
-	return js, stop, nil
-}
-
-// benchServerConfig is the embedded server of one bench part, with the
-// durability of --sync, on a free port.
-func benchServerConfig(cfg benchConfig, dir string) (bus.ServerConfig, error) {
-	return plane.NATSConfig{Listen: "127.0.0.1:0", Sync: cfg.sync}.ServerConfig(dir)
-}
