@@ -2,6 +2,8 @@ package events
 
 import (
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 )
 
@@ -211,6 +213,25 @@ func (l *LeaseState) Held() bool {
 		}
 	}
 	return false
+}
+
+// Standing lists the grants standing, void ones included: the exclusive
+// grant first, then the shared ones by holder.
+func (l *LeaseState) Standing() []LeaseGrant {
+	var out []LeaseGrant
+	if l.Exclusive.Epoch != 0 {
+		out = append(out, l.Exclusive)
+	}
+	for _, holder := range slices.Sorted(maps.Keys(l.Shared)) {
+		out = append(out, l.Shared[holder])
+	}
+	return out
+}
+
+// Holding lists the grants that hold the resource: Standing without the
+// void ones.
+func (l *LeaseState) Holding() []LeaseGrant {
+	return slices.DeleteFunc(l.Standing(), func(g LeaseGrant) bool { return g.Void })
 }
 
 // Grant is holder's standing grant in mode, if there is one (void or not).

@@ -2,8 +2,6 @@ package handlers
 
 import (
 	"context"
-	"maps"
-	"slices"
 
 	"github.com/loomctl/loom/events"
 )
@@ -101,7 +99,7 @@ func (s *Service) acquireForVM(ctx context.Context, c *command, l vmLease, holde
 			return stepResult{}, unavailable("read lease "+l.resource.String(), err)
 		}
 		stale := 0
-		for _, g := range standingGrants(&state) {
+		for _, g := range state.Holding() {
 			if g.VM == holder.VM && g.ID != holder.ID {
 				if err := s.releaseOrphanGrant(ctx, g, "an earlier incarnation of "+g.VM+" is gone"); err != nil {
 					return stepResult{}, unavailable("release "+g.Resource, err)
@@ -114,20 +112,6 @@ func (s *Service) acquireForVM(ctx context.Context, c *command, l vmLease, holde
 		}
 	}
 	return s.acquire(ctx, c, l.index, l.resource, l.mode, holder, true)
-}
-
-// standingGrants lists a lease's grants that are not void.
-func standingGrants(l *events.LeaseState) []events.LeaseGrant {
-	var out []events.LeaseGrant
-	if l.Exclusive.Epoch != 0 {
-		out = append(out, l.Exclusive)
-	}
-	for _, h := range slices.Sorted(maps.Keys(l.Shared)) {
-		if g := l.Shared[h]; !g.Void {
-			out = append(out, g)
-		}
-	}
-	return out
 }
 
 // releaseOrphanGrant gives back a grant whose holder can no longer write,

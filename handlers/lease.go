@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
-	"slices"
 	"strings"
 
 	"github.com/loomctl/loom/events"
@@ -244,14 +242,9 @@ func (s *Service) acquireView(ctx context.Context, r events.Resource, mode event
 // grantable refuses a grant that a standing one excludes.
 func grantable(state *events.LeaseState, mode events.LeaseMode, holder string) *events.Fault {
 	var in []string
-	if g := state.Exclusive; g.Epoch != 0 {
-		in = append(in, describeGrant(g))
-	}
-	if mode == events.LeaseExclusive {
-		for _, h := range slices.Sorted(maps.Keys(state.Shared)) {
-			if g := state.Shared[h]; !g.Void {
-				in = append(in, describeGrant(g))
-			}
+	for _, g := range state.Holding() {
+		if mode == events.LeaseExclusive || g.Mode == events.LeaseExclusive {
+			in = append(in, describeGrant(g))
 		}
 	}
 	if len(in) == 0 {

@@ -210,7 +210,7 @@ func (r *memReader) AllLeases(context.Context) ([]events.LeaseGrant, error) {
 	var out []events.LeaseGrant
 	for _, resource := range slices.Sorted(maps.Keys(r.leases)) {
 		l := r.leases[resource]
-		out = append(out, standingGrants(&l)...)
+		out = append(out, l.Holding()...)
 	}
 	return out, nil
 }

@@ -328,24 +328,11 @@ func (v *view) leases(f LeaseFilter) ([]events.LeaseGrant, error) {
 		if err != nil {
 			return nil, err
 		}
-		for _, g := range standing(&l) {
+		for _, g := range l.Standing() {
 			if (f.Host == "" || g.Host == f.Host) && (f.Holder == "" || g.ID == f.Holder) {
 				grants = append(grants, g)
 			}
 		}
 	}
 	return grants, nil
-}
-
-// standing lists l's grants, the exclusive one first, then the shared ones
-// by holder.
-func standing(l *events.LeaseState) []events.LeaseGrant {
-	var out []events.LeaseGrant
-	if l.Exclusive.Epoch != 0 {
-		out = append(out, l.Exclusive)
-	}
-	for _, holder := range sortedKeys(l.Shared) {
-		out = append(out, l.Shared[holder])
-	}
-	return out
 }

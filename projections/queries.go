@@ -232,7 +232,7 @@ func answerLease(v *view, q *events.Query) *events.QueryReply {
 	if state.Grants == 0 {
 		return faulted(v, events.Errorf(events.CodeLeaseNotFound, "no lease was ever granted on %s", q.Name))
 	}
-	return &events.QueryReply{Seq: v.seq, Leases: standing(&state)}
+	return &events.QueryReply{Seq: v.seq, Leases: state.Standing()}
 }
 
 // answerLeases lists the standing grants, filtered by resource, host and
