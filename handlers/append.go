@@ -118,19 +118,43 @@ func check[S any](ctx context.Context, s *Service, t *table[S], id string, f fun
 // and waits until the Reader has applied the last event, so that the next
 // view is fresh.
 func current[S any](ctx context.Context, s *Service, t *table[S], id string, head events.Head) (bool, error) {
-	subject := events.EventSubject(t.kind, id)
-	last, err := bus.LastOnSubject(ctx, s.cfg.Conn, events.StreamEvents, subject)
-	if err != nil && !errors.Is(err, bus.ErrNoMessage) {
+	last, err := lastOn(ctx, s, events.EventSubject(t.kind, id))
+	if err != nil {
 		return false, err
 	}
-	if last.Seq == head.Seq {
+	if last == head.Seq {
 		return true, nil
 	}
 	t.drop(id)
-	if err := s.cfg.Reader.WaitFor(ctx, last.Seq); err != nil {
-		return false, lagging(last.Seq, err)
+	if err := s.cfg.Reader.WaitFor(ctx, last); err != nil {
+		return false, lagging(last, err)
 	}
 	return false, nil
+}
+
+// lastOn is the sequence of the last message on subject (a filter),
+// read through the leader; zero when there is none.
+func lastOn(ctx context.Context, s *Service, subject string) (uint64, error) {
+	last, err := bus.LastOnSubject(ctx, s.cfg.Conn, events.StreamEvents, subject)
+	if errors.Is(err, bus.ErrNoMessage) {
+		return 0, nil
+	}
+	return last.Seq, err
+}
+
+// catchUp reads the last sequence on subject (a filter) through the
+// stream leader and waits until the Reader has applied it, so that what
+// the Reader answers next reflects every event on subject so far. It
+// returns that sequence.
+func (s *Service) catchUp(ctx context.Context, subject string) (uint64, *events.Fault) {
+	last, err := lastOn(ctx, s, subject)
+	if err != nil {
+		return 0, unavailable("read last of "+subject, err)
+	}
+	if err := s.cfg.Reader.WaitFor(ctx, last); err != nil {
+		return 0, lagging(last, err)
+	}
+	return last, nil
 }
 
 // appendDecided seals ev and appends it expecting head. retry says the
@@ -183,12 +207,8 @@ func seqOf(a *events.Appended) uint64 {
 // type typ if the command already appended it (another attempt, or the
 // scheduler completing it).
 func (s *Service) afterConflict(ctx context.Context, c *command, subject string, typ events.Type) (*events.Appended, *events.Fault) {
-	last, err := bus.LastOnSubject(ctx, s.cfg.Conn, events.StreamEvents, subject)
-	if err != nil && !errors.Is(err, bus.ErrNoMessage) {
-		return nil, unavailable("read last of "+subject, err)
-	}
-	if err := s.cfg.Reader.WaitFor(ctx, last.Seq); err != nil {
-		return nil, lagging(last.Seq, err)
+	if _, fault := s.catchUp(ctx, subject); fault != nil {
+		return nil, fault
 	}
 	result, _, err := s.cfg.Reader.CommandResult(ctx, c.actor, c.id)
 	if err != nil {

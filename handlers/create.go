@@ -2,10 +2,8 @@ package handlers
 
 import (
 	"context"
-	"errors"
 
 	"github.com/loomctl/loom/events"
-	"github.com/loomctl/loom/events/bus"
 )
 
 // The event indexes of a vm.create. Each step's Nats-Msg-Id derives from
@@ -106,13 +104,8 @@ func (s *Service) recordedCreate(ctx context.Context, c *command, vm string) ([]
 	if !created || placed || withdrawn {
 		return recorded, nil
 	}
-	subject := events.EventSubject(events.KindVM, vm)
-	last, err := bus.LastOnSubject(ctx, s.cfg.Conn, events.StreamEvents, subject)
-	if err != nil && !errors.Is(err, bus.ErrNoMessage) {
-		return nil, unavailable("read last of "+subject, err)
-	}
-	if err := s.cfg.Reader.WaitFor(ctx, last.Seq); err != nil {
-		return nil, lagging(last.Seq, err)
+	if _, fault := s.catchUp(ctx, events.EventSubject(events.KindVM, vm)); fault != nil {
+		return nil, fault
 	}
 	if recorded, _, err = s.cfg.Reader.CommandResult(ctx, c.actor, c.id); err != nil {
 		return nil, unavailable("read command result", err)

@@ -259,12 +259,8 @@ func (s *Service) grantStanding(ctx context.Context, l events.LeaseEpoch, uid st
 	if err != nil {
 		return events.LeaseGrant{}, false, nil
 	}
-	last, err := lastOn(ctx, s, events.LeaseWildcard(r))
-	if err != nil {
-		return events.LeaseGrant{}, false, err
-	}
-	if err := s.cfg.Reader.WaitFor(ctx, last); err != nil {
-		return events.LeaseGrant{}, false, lagging(last, err)
+	if _, fault := s.catchUp(ctx, events.LeaseWildcard(r)); fault != nil {
+		return events.LeaseGrant{}, false, fault
 	}
 	state, err := s.cfg.Reader.LeaseOf(ctx, l.Resource, uid)
 	if err != nil {

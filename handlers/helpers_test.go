@@ -241,7 +241,7 @@ type uncheckedPublisher struct{ jetstream.Publisher }
 
 func (p uncheckedPublisher) PublishMsg(ctx context.Context, msg *nats.Msg, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error) {
 	msg.Header.Del(jetstream.ExpectedLastSubjSeqHeader)
-	msg.Header.Del("Nats-Expected-Last-Subject-Sequence-Subject")
+	msg.Header.Del(bus.HeaderExpectedLastSubjSeqSubject)
 	return p.Publisher.PublishMsg(ctx, msg, opts...)
 }
 

@@ -209,12 +209,9 @@ func (s *Service) acquireView(ctx context.Context, r events.Resource, mode event
 	subject := events.LeaseSubject(r, mode, holder)
 	var expect bus.Expect
 	if mode == events.LeaseExclusive {
-		last, err := lastOn(ctx, s, events.LeaseWildcard(r))
-		if err != nil {
-			return expect, events.Head{}, events.LeaseState{}, unavailable("read last of "+events.LeaseWildcard(r), err)
-		}
-		if err := s.cfg.Reader.WaitFor(ctx, last); err != nil {
-			return expect, events.Head{}, events.LeaseState{}, lagging(last, err)
+		last, fault := s.catchUp(ctx, events.LeaseWildcard(r))
+		if fault != nil {
+			return expect, events.Head{}, events.LeaseState{}, fault
 		}
 		expect = bus.Expect{Subject: events.LeaseWildcard(r), Seq: last}
 	}
@@ -482,14 +479,4 @@ func (s *Service) appendLease(ctx context.Context, c *command, index int, r even
 		return nil, false, true, nil
 	}
 	return nil, false, false, unavailable("append to "+subject, err)
-}
-
-// lastOn is the sequence of the last message on subject (a filter),
-// read through the leader; zero when there is none.
-func lastOn(ctx context.Context, s *Service, subject string) (uint64, error) {
-	last, err := bus.LastOnSubject(ctx, s.cfg.Conn, events.StreamEvents, subject)
-	if errors.Is(err, bus.ErrNoMessage) {
-		return 0, nil
-	}
-	return last.Seq, err
 }

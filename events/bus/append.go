@@ -22,10 +22,10 @@ var (
 	ErrTryAgain = errors.New("stream busy, try again")
 )
 
-// headerExpectedLastSubjSeqSubject moves the expected-last-subject-sequence
+// HeaderExpectedLastSubjSeqSubject moves the expected-last-subject-sequence
 // check to another subject or filter (nats-server 2.11+; nats.go has no
 // name for it).
-const headerExpectedLastSubjSeqSubject = "Nats-Expected-Last-Subject-Sequence-Subject"
+const HeaderExpectedLastSubjSeqSubject = "Nats-Expected-Last-Subject-Sequence-Subject"
 
 // Appended is where an appended event landed.
 type Appended struct {
@@ -85,7 +85,7 @@ func PublishExpecting(ctx context.Context, js jetstream.Publisher, msg *nats.Msg
 	}
 	msg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(expect.Seq, 10))
 	if expect.Subject != "" && expect.Subject != msg.Subject {
-		msg.Header.Set(headerExpectedLastSubjSeqSubject, expect.Subject)
+		msg.Header.Set(HeaderExpectedLastSubjSeqSubject, expect.Subject)
 	}
 	ack, err := js.PublishMsg(ctx, msg)
 	if err != nil {
