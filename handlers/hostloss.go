@@ -24,28 +24,36 @@ import (
 // expireLostLeases expires every grant held on a host that was declared
 // lost, made before the loss.
 func (s *Service) expireLostLeases(ctx context.Context, hosts []events.HostState, grants []events.LeaseGrant) error {
-	lostAt := map[string]events.HostState{}
-	for _, h := range hosts {
-		if h.LostSeq != 0 {
-			lostAt[h.Name] = h
-		}
-	}
+	lost := lostHosts(hosts)
 	var errs []error
 	for _, g := range grants {
-		h, ok := lostAt[g.Host]
+		h, ok := lost[g.Host]
 		if !ok || g.Epoch > h.LostSeq {
 			continue
 		}
-		if err := s.expire(ctx, g, h); err != nil {
+		if err := s.expire(ctx, g); err != nil {
 			errs = append(errs, fmt.Errorf("expire %s of %s: %w", g.Resource, g.ID, err))
 		}
 	}
 	return errors.Join(errs...)
 }
 
-// expire appends lease.expired for grant g of the lost host h, as the
-// failure detector.
-func (s *Service) expire(ctx context.Context, g events.LeaseGrant, h events.HostState) error {
+// lostHosts are the hosts ever declared lost (rejoined ones included:
+// what was granted or placed on them before the loss ended with it), by
+// name.
+func lostHosts(hosts []events.HostState) map[string]events.HostState {
+	lost := map[string]events.HostState{}
+	for _, h := range hosts {
+		if h.LostSeq != 0 {
+			lost[h.Name] = h
+		}
+	}
+	return lost
+}
+
+// expire appends lease.expired for grant g of a host declared lost, as
+// the failure detector, deciding on the host as it stands then.
+func (s *Service) expire(ctx context.Context, g events.LeaseGrant) error {
 	ended, err := s.endGrant(ctx, detectorActor, "expire", g, func(cur events.LeaseGrant, host events.HostState) events.Event {
 		if host.LostSeq < cur.Epoch {
 			return nil // made since the loss: not this one
@@ -63,12 +71,7 @@ func (s *Service) expire(ctx context.Context, g events.LeaseGrant, h events.Host
 // evacuate acts on every VM placed on a host that was declared lost after
 // its placement, once its grants have expired.
 func (s *Service) evacuate(ctx context.Context, hosts []events.HostState, vms []events.VMState, grants []events.LeaseGrant) error {
-	lost := map[string]events.HostState{}
-	for _, h := range hosts {
-		if h.LostSeq != 0 {
-			lost[h.Name] = h
-		}
-	}
+	lost := lostHosts(hosts)
 	standing := map[events.LeaseEpoch]string{}
 	for _, g := range grants {
 		standing[events.LeaseEpoch{Resource: g.Resource, Mode: g.Mode, Epoch: g.Epoch}] = g.ID
