@@ -71,23 +71,21 @@ func (a *Agent) pruneLeaseWatch() {
 		}
 	}
 	a.mu.Unlock()
-	a.leases.mu.Lock()
-	defer a.leases.mu.Unlock()
-	for resource, sub := range a.leases.subs {
-		if !used[resource] {
-			_ = sub.Unsubscribe()
-			delete(a.leases.subs, resource)
-		}
-	}
+	a.unwatchExcept(used)
 }
 
 // stopLeaseWatch drops every subscription.
-func (a *Agent) stopLeaseWatch() {
+func (a *Agent) stopLeaseWatch() { a.unwatchExcept(nil) }
+
+// unwatchExcept drops the subscriptions of the resources not in keep.
+func (a *Agent) unwatchExcept(keep map[string]bool) {
 	a.leases.mu.Lock()
 	defer a.leases.mu.Unlock()
 	for resource, sub := range a.leases.subs {
-		_ = sub.Unsubscribe()
-		delete(a.leases.subs, resource)
+		if !keep[resource] {
+			_ = sub.Unsubscribe()
+			delete(a.leases.subs, resource)
+		}
 	}
 }
 

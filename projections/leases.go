@@ -1,7 +1,7 @@
 package projections
 
 import (
-	"bytes"
+	"cmp"
 	"context"
 	"fmt"
 	"reflect"
@@ -95,10 +95,7 @@ func (b *batch) writeLeaseEntries(pb *pebble.Batch, enc *encoder) error {
 		entries = append(entries, e)
 	}
 	slices.SortFunc(entries, func(x, y leaseEntry) int {
-		if c := bytes.Compare([]byte(x.resource), []byte(y.resource)); c != 0 {
-			return c
-		}
-		return bytes.Compare([]byte(x.holder), []byte(y.holder))
+		return cmp.Or(cmp.Compare(x.resource, y.resource), cmp.Compare(x.holder, y.holder))
 	})
 	for _, e := range entries {
 		before := b.leaseBefore[e]
