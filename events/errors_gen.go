@@ -38,6 +38,10 @@ const (
 	CodeVMDeleting Code = 4004
 	// The VM is not placed on a host yet; the scheduler will place it.
 	CodeVMNotPlaced Code = 4005
+	// The VM is not running or paused (its goal says stopped): a checkpoint needs a live guest. Start it first.
+	CodeVMNotRunning Code = 4006
+	// A checkpoint or restore of the VM is under way (its host has not reported on it yet); wait for it, or give the VM another goal to abandon it.
+	CodeVMBusy Code = 4007
 	// libvirt refused an operation; the message carries libvirt's own code and text.
 	CodeLibvirtError Code = 5001
 	// The host's libvirtd cannot be reached; the agent keeps retrying.
@@ -62,37 +66,54 @@ const (
 	CodeLeaseNotFound Code = 7003
 	// The grant's holder may still write (its host is alive): break it with force, which marks it breaking and waits until the holder stopped or its host was declared lost.
 	CodeLeaseLive Code = 7004
+	// The VM has no checkpoint of that id: it was deleted, it belongs to another VM (a VM can only go back to its own checkpoints), or it never existed. `loom vm checkpoints VM` lists the VM's own.
+	CodeCheckpointNotFound Code = 8001
+	// The checkpoint was not taken (it is still requested, or its host reported it failed): there is nothing to restore.
+	CodeCheckpointNotReady Code = 8002
+	// The checkpoint's files are on another host than the one the VM runs on now (the VM moved since); Loom does not copy checkpoints between hosts.
+	CodeCheckpointElsewhere Code = 8003
+	// The host keeps no disks for its VMs (a simulated host), or the VM has no disk from an image: there is nothing to checkpoint.
+	CodeCheckpointUnsupported Code = 8004
+	// A file the catalog names for the checkpoint is not on its host (removed by hand, or the host's storage was replaced); the VM was left as it was.
+	CodeCheckpointFilesMissing Code = 8005
 )
 
 // catalog maps each code to its name and description.
 var catalog = map[Code]codeInfo{
-	CodeInternal:           {"internal", "An unexpected failure inside Loom. The message says where; report it."},
-	CodeBadRequest:         {"bad_request", "The request body does not decode as a command or query of this subject (JSON or msgpack), or has unknown fields."},
-	CodeInvalidArgument:    {"invalid_argument", "A field of the request is missing or out of range; the message names it."},
-	CodeMissingCommandID:   {"missing_command_id", "The command carries no command_id. Choose a unique one and reuse it when you retry, so a retry never acts twice."},
-	CodeUnknownCommand:     {"unknown_command", "No command or query is served on that subject."},
-	CodeUnavailable:        {"unavailable", "The bus or a read model is not available right now; retrying later is safe."},
-	CodeTimeout:            {"timeout", "A read model did not reach the required stream sequence in time; retrying is safe."},
-	CodeConflict:           {"conflict", "Other writers kept changing the aggregate; the command did not take effect and retrying is safe."},
-	CodeHostNotFound:       {"host_not_found", "No host is registered under that name."},
-	CodeHostExists:         {"host_exists", "A host of that name is already registered with a different spec."},
-	CodeImageNotFound:      {"image_not_found", "No image is registered under that name."},
-	CodeImageExists:        {"image_exists", "An image of that name is already registered with a different spec."},
-	CodeVMNotFound:         {"vm_not_found", "No VM of that name exists (or it was deleted)."},
-	CodeVMExists:           {"vm_exists", "A VM of that name already exists, or is still being deleted."},
-	CodeNoCapacity:         {"no_capacity", "No schedulable host has enough free CPU and memory for the VM."},
-	CodeVMDeleting:         {"vm_deleting", "The VM is being deleted; it accepts no other command."},
-	CodeVMNotPlaced:        {"vm_not_placed", "The VM is not placed on a host yet; the scheduler will place it."},
-	CodeLibvirtError:       {"libvirt_error", "libvirt refused an operation; the message carries libvirt's own code and text."},
-	CodeLibvirtUnavailable: {"libvirt_unavailable", "The host's libvirtd cannot be reached; the agent keeps retrying."},
-	CodeDomainMismatch:     {"domain_mismatch", "A domain of the VM's name exists on the host with another UUID (another incarnation); the agent will not touch it."},
-	CodeFenced:             {"fenced", "The host's fencing deadline passed (no renewal acknowledged within TTL minus the agent's margin): the agent starts and resumes no domain until a renewal is acknowledged again."},
-	CodeLeaseNotCurrent:    {"lease_not_current", "The agent refused to define, start or resume a domain: a lease grant its goal names is no longer current (a later event on the resource revoked it), read through the stream leader."},
-	CodeCorruptEvent:       {"corrupt_event", "A message on the stream is not a valid Loom event; readers flag it and go on."},
-	CodeUnknownEvent:       {"unknown_event", "An event's type or version is unknown to this build; upgrade the reader."},
-	CodeStaleObservation:   {"stale_observation", "An agent's observation names lease epochs that are not the ones its VM runs under now; the read models flag it and ignore it."},
-	CodeResourceNotFound:   {"resource_not_found", "The lease's resource does not exist: no image is registered under that name, or no VM ever took that disk."},
-	CodeLeaseHeld:          {"lease_held", "The resource is held in a mode that excludes the one asked for (an exclusive grant excludes every other, shared grants exclude an exclusive one); the message names the holders and their epochs."},
-	CodeLeaseNotFound:      {"lease_not_found", "That holder holds no grant on the resource, or not under the epoch named: only the holder's standing grant can be released or broken."},
-	CodeLeaseLive:          {"lease_live", "The grant's holder may still write (its host is alive): break it with force, which marks it breaking and waits until the holder stopped or its host was declared lost."},
+	CodeInternal:               {"internal", "An unexpected failure inside Loom. The message says where; report it."},
+	CodeBadRequest:             {"bad_request", "The request body does not decode as a command or query of this subject (JSON or msgpack), or has unknown fields."},
+	CodeInvalidArgument:        {"invalid_argument", "A field of the request is missing or out of range; the message names it."},
+	CodeMissingCommandID:       {"missing_command_id", "The command carries no command_id. Choose a unique one and reuse it when you retry, so a retry never acts twice."},
+	CodeUnknownCommand:         {"unknown_command", "No command or query is served on that subject."},
+	CodeUnavailable:            {"unavailable", "The bus or a read model is not available right now; retrying later is safe."},
+	CodeTimeout:                {"timeout", "A read model did not reach the required stream sequence in time; retrying is safe."},
+	CodeConflict:               {"conflict", "Other writers kept changing the aggregate; the command did not take effect and retrying is safe."},
+	CodeHostNotFound:           {"host_not_found", "No host is registered under that name."},
+	CodeHostExists:             {"host_exists", "A host of that name is already registered with a different spec."},
+	CodeImageNotFound:          {"image_not_found", "No image is registered under that name."},
+	CodeImageExists:            {"image_exists", "An image of that name is already registered with a different spec."},
+	CodeVMNotFound:             {"vm_not_found", "No VM of that name exists (or it was deleted)."},
+	CodeVMExists:               {"vm_exists", "A VM of that name already exists, or is still being deleted."},
+	CodeNoCapacity:             {"no_capacity", "No schedulable host has enough free CPU and memory for the VM."},
+	CodeVMDeleting:             {"vm_deleting", "The VM is being deleted; it accepts no other command."},
+	CodeVMNotPlaced:            {"vm_not_placed", "The VM is not placed on a host yet; the scheduler will place it."},
+	CodeVMNotRunning:           {"vm_not_running", "The VM is not running or paused (its goal says stopped): a checkpoint needs a live guest. Start it first."},
+	CodeVMBusy:                 {"vm_busy", "A checkpoint or restore of the VM is under way (its host has not reported on it yet); wait for it, or give the VM another goal to abandon it."},
+	CodeLibvirtError:           {"libvirt_error", "libvirt refused an operation; the message carries libvirt's own code and text."},
+	CodeLibvirtUnavailable:     {"libvirt_unavailable", "The host's libvirtd cannot be reached; the agent keeps retrying."},
+	CodeDomainMismatch:         {"domain_mismatch", "A domain of the VM's name exists on the host with another UUID (another incarnation); the agent will not touch it."},
+	CodeFenced:                 {"fenced", "The host's fencing deadline passed (no renewal acknowledged within TTL minus the agent's margin): the agent starts and resumes no domain until a renewal is acknowledged again."},
+	CodeLeaseNotCurrent:        {"lease_not_current", "The agent refused to define, start or resume a domain: a lease grant its goal names is no longer current (a later event on the resource revoked it), read through the stream leader."},
+	CodeCorruptEvent:           {"corrupt_event", "A message on the stream is not a valid Loom event; readers flag it and go on."},
+	CodeUnknownEvent:           {"unknown_event", "An event's type or version is unknown to this build; upgrade the reader."},
+	CodeStaleObservation:       {"stale_observation", "An agent's observation names lease epochs that are not the ones its VM runs under now; the read models flag it and ignore it."},
+	CodeResourceNotFound:       {"resource_not_found", "The lease's resource does not exist: no image is registered under that name, or no VM ever took that disk."},
+	CodeLeaseHeld:              {"lease_held", "The resource is held in a mode that excludes the one asked for (an exclusive grant excludes every other, shared grants exclude an exclusive one); the message names the holders and their epochs."},
+	CodeLeaseNotFound:          {"lease_not_found", "That holder holds no grant on the resource, or not under the epoch named: only the holder's standing grant can be released or broken."},
+	CodeLeaseLive:              {"lease_live", "The grant's holder may still write (its host is alive): break it with force, which marks it breaking and waits until the holder stopped or its host was declared lost."},
+	CodeCheckpointNotFound:     {"checkpoint_not_found", "The VM has no checkpoint of that id: it was deleted, it belongs to another VM (a VM can only go back to its own checkpoints), or it never existed. `loom vm checkpoints VM` lists the VM's own."},
+	CodeCheckpointNotReady:     {"checkpoint_not_ready", "The checkpoint was not taken (it is still requested, or its host reported it failed): there is nothing to restore."},
+	CodeCheckpointElsewhere:    {"checkpoint_elsewhere", "The checkpoint's files are on another host than the one the VM runs on now (the VM moved since); Loom does not copy checkpoints between hosts."},
+	CodeCheckpointUnsupported:  {"checkpoint_unsupported", "The host keeps no disks for its VMs (a simulated host), or the VM has no disk from an image: there is nothing to checkpoint."},
+	CodeCheckpointFilesMissing: {"checkpoint_files_missing", "A file the catalog names for the checkpoint is not on its host (removed by hand, or the host's storage was replaced); the VM was left as it was."},
 }

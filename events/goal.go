@@ -19,6 +19,11 @@ type Goal struct {
 	// or resumes the domain, the agent checks through the stream leader
 	// that each is still current, and refuses otherwise.
 	Leases []LeaseEpoch `msgpack:"leases,omitempty" json:"leases,omitempty"`
+	// Step is a checkpoint to take or restore, done once: the host knows
+	// it did it by the files it made.
+	Step *GoalStep `msgpack:"step,omitempty" json:"step,omitempty"`
+	// Drop lists deleted checkpoints whose files the host must remove.
+	Drop []CheckpointFiles `msgpack:"drop,omitempty" json:"drop,omitempty"`
 }
 
 // HeaderIncarnation carries a goal's incarnation on LOOM_GOALS, so a reader
@@ -55,5 +60,7 @@ func GoalOf(s *VMState) (Goal, bool) {
 		Incarnation: s.Incarnation,
 		Spec:        DomainSpec{Image: s.Image, CPU: s.CPU, MemoryMiB: s.MemoryMiB},
 		Leases:      s.Leases,
+		Step:        s.Step,
+		Drop:        s.dropList(),
 	}, true
 }

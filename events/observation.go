@@ -86,3 +86,14 @@ func (VMObserved) EventType() Type        { return TypeVMObserved }
 func (VMProgress) EventType() Type        { return TypeVMProgress }
 func (HostOrphanFound) EventType() Type   { return TypeHostOrphanFound }
 func (HostOrphanCleared) EventType() Type { return TypeHostOrphanCleared }
+
+// IsObservation tells the types only host agents write, on loom.obs
+// subjects; every other type is a decision, on loom.evt.
+func IsObservation(t Type) bool {
+	switch t {
+	case TypeVMObserved, TypeVMProgress, TypeHostOrphanFound, TypeHostOrphanCleared,
+		TypeVMCheckpointTaken, TypeVMRestored, TypeVMCheckpointFailed, TypeVMCheckpointRemoved:
+		return true
+	}
+	return false
+}

@@ -66,6 +66,15 @@ var registry = map[Type]typeInfo{
 	TypeLeaseExpired:      current[LeaseExpired](),
 	TypeLeaseBreaking:     current[LeaseBreaking](),
 	TypeLeaseBroken:       current[LeaseBroken](),
+
+	TypeVMCheckpointRequested: current[VMCheckpointRequested](),
+	TypeVMRestoreRequested:    current[VMRestoreRequested](),
+	TypeVMCheckpointDeleted:   current[VMCheckpointDeleted](),
+	TypeVMCheckpointScheduled: current[VMCheckpointScheduled](),
+	TypeVMCheckpointTaken:     current[VMCheckpointTaken](),
+	TypeVMRestored:            current[VMRestored](),
+	TypeVMCheckpointFailed:    current[VMCheckpointFailed](),
+	TypeVMCheckpointRemoved:   current[VMCheckpointRemoved](),
 }
 
 // Types lists every registered event type with its newest version.

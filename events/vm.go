@@ -150,6 +150,14 @@ type VMState struct {
 	LeftGone   bool   `msgpack:"left_gone,omitempty" json:"left_gone,omitempty"`
 	// Observed is the host agent's last report.
 	Observed Observation `msgpack:"observed" json:"observed"`
+	// Checkpoints is the VM's catalog: every checkpoint of this
+	// incarnation not yet deleted and removed, oldest first.
+	Checkpoints []Checkpoint `msgpack:"checkpoints,omitempty" json:"checkpoints,omitempty"`
+	// Step is the checkpoint or restore the goal asks for, until the host
+	// reports on it or another decision replaces the goal.
+	Step *GoalStep `msgpack:"step,omitempty" json:"step,omitempty"`
+	// Schedule is the VM's checkpoint schedule, if any.
+	Schedule *CheckpointSchedule `msgpack:"schedule,omitempty" json:"schedule,omitempty"`
 }
 
 // Observation is what a host agent last reported of a VM.
@@ -204,17 +212,17 @@ func (s *VMState) Apply(rec *Record) error {
 				s.Observed = Observation{}
 			}
 		}
-		s.Host, s.Phase, s.Incarnation, s.Leases = ev.Host, PhasePlaced, rec.Seq, ev.Leases
+		s.Host, s.Phase, s.Incarnation, s.Leases, s.Step = ev.Host, PhasePlaced, rec.Seq, ev.Leases, nil
 	case VMGoalChanged:
 		if ev.UID == s.UID {
-			s.Desired = ev.Desired
+			s.Desired, s.Step = ev.Desired, nil
 			if s.Phase == PhasePlaced {
 				s.Incarnation = rec.Seq
 			}
 		}
 	case VMDeleted:
 		if ev.UID == s.UID {
-			s.Desired, s.AbsentReason = DesiredAbsent, ev.Reason
+			s.Desired, s.AbsentReason, s.Step = DesiredAbsent, ev.Reason, nil
 			if s.Phase == PhasePending {
 				s.Phase = PhaseGone // never placed: nothing on any host to wait for
 			} else {
@@ -223,6 +231,10 @@ func (s *VMState) Apply(rec *Record) error {
 		}
 	case VMObserved:
 		return s.applyObservation(rec, ev)
+	case VMCheckpointRequested, VMRestoreRequested, VMCheckpointDeleted, VMCheckpointScheduled:
+		s.applyCheckpointDecision(rec)
+	case VMCheckpointTaken, VMRestored, VMCheckpointFailed, VMCheckpointRemoved:
+		return s.applyCheckpointReport(rec)
 	case VMProgress:
 		// Progress is for people watching; it changes no state.
 	default:

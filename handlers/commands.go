@@ -90,3 +90,79 @@ func (s *Service) serveGoal(verb string) serveFunc {
 		})
 	}
 }
+
+func (s *Service) serveCheckpoint(ctx context.Context, req *request) *events.Reply {
+	var cmd events.CheckpointVM
+	c, fault := s.decode(req, &cmd, &cmd.CommandMeta)
+	if fault != nil {
+		return failed(fault, nil)
+	}
+	id := events.DeriveCheckpointID(prefixCheckpoint, c.actor, c.id)
+	return s.single(ctx, c, func(ctx context.Context) (stepResult, *events.Fault) {
+		if fault := s.reportsSeen(ctx, cmd.Name); fault != nil {
+			return stepResult{}, fault
+		}
+		return appendStep(ctx, s, s.vms, c, cmd.Name, stepOnly, events.TypeVMCheckpointRequested, func(vm *events.VMState) (events.Event, *events.Fault) {
+			return decideCheckpoint(*vm, &cmd, id, false)
+		})
+	})
+}
+
+func (s *Service) serveRestore(ctx context.Context, req *request) *events.Reply {
+	var cmd events.RestoreVM
+	c, fault := s.decode(req, &cmd, &cmd.CommandMeta)
+	if fault != nil {
+		return failed(fault, nil)
+	}
+	restore := events.DeriveCheckpointID(prefixRestore, c.actor, c.id)
+	return s.single(ctx, c, func(ctx context.Context) (stepResult, *events.Fault) {
+		if fault := s.reportsSeen(ctx, cmd.Name); fault != nil {
+			return stepResult{}, fault
+		}
+		return appendStep(ctx, s, s.vms, c, cmd.Name, stepOnly, events.TypeVMRestoreRequested, func(vm *events.VMState) (events.Event, *events.Fault) {
+			return decideRestore(*vm, &cmd, restore)
+		})
+	})
+}
+
+func (s *Service) serveDeleteCheckpoint(ctx context.Context, req *request) *events.Reply {
+	var cmd events.DeleteCheckpoint
+	c, fault := s.decode(req, &cmd, &cmd.CommandMeta)
+	if fault != nil {
+		return failed(fault, nil)
+	}
+	return s.single(ctx, c, func(ctx context.Context) (stepResult, *events.Fault) {
+		if fault := s.reportsSeen(ctx, cmd.Name); fault != nil {
+			return stepResult{}, fault
+		}
+		return appendStep(ctx, s, s.vms, c, cmd.Name, stepOnly, events.TypeVMCheckpointDeleted, func(vm *events.VMState) (events.Event, *events.Fault) {
+			return decideDeleteCheckpoint(*vm, cmd.Name, cmd.Checkpoint, events.DeletedByCommand)
+		})
+	})
+}
+
+func (s *Service) serveSchedule(ctx context.Context, req *request) *events.Reply {
+	var cmd events.ScheduleCheckpoints
+	c, fault := s.decode(req, &cmd, &cmd.CommandMeta)
+	if fault != nil {
+		return failed(fault, nil)
+	}
+	return s.single(ctx, c, func(ctx context.Context) (stepResult, *events.Fault) {
+		return appendStep(ctx, s, s.vms, c, cmd.Name, stepOnly, events.TypeVMCheckpointScheduled, func(vm *events.VMState) (events.Event, *events.Fault) {
+			return decideSchedule(*vm, &cmd)
+		})
+	})
+}
+
+// reportsSeen makes the next decision on vm see every report its hosts
+// made so far. Checkpoint decisions depend on them (a step is done once
+// its host says so), and the VM cache follows decisions only: it catches
+// the Reader up with the VM's observation subjects and drops the cached
+// entry.
+func (s *Service) reportsSeen(ctx context.Context, vm string) *events.Fault {
+	if _, fault := s.catchUp(ctx, events.ObservationSubject("*", events.KindVM, vm)); fault != nil {
+		return fault
+	}
+	s.vms.drop(vm)
+	return nil
+}

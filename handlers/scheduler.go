@@ -95,6 +95,7 @@ func (s *Service) ReconcileOnce(ctx context.Context) error {
 	errs = append(errs, s.expireLostLeases(ctx, hosts, grants))
 	errs = append(errs, s.evacuate(ctx, hosts, vms, grants))
 	errs = append(errs, s.completeBreaks(ctx, hosts, vms, grants))
+	errs = append(errs, s.scheduleCheckpoints(ctx, vms))
 	return errors.Join(errs...)
 }
 

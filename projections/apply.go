@@ -147,7 +147,7 @@ func (b *batch) fold(rec *events.Record, addr events.Address) error {
 	if env.Kind != addr.Kind || env.AggregateID != addr.ID {
 		return rejectf("envelope is for %s %q, its subject for %s %q", env.Kind, env.AggregateID, addr.Kind, addr.ID)
 	}
-	if isObservation(env.Type) != addr.Observed {
+	if events.IsObservation(env.Type) != addr.Observed {
 		return rejectf("%s on %s: decisions belong on loom.evt subjects, observations on loom.obs", env.Type, rec.Subject)
 	}
 	switch addr.Kind {
@@ -161,15 +161,6 @@ func (b *batch) fold(rec *events.Record, addr events.Address) error {
 		return b.foldLease(rec, addr)
 	}
 	return nil // a kind these read models do not fold; its head and command result are kept
-}
-
-// isObservation tells the types that only agents write, on loom.obs.
-func isObservation(t events.Type) bool {
-	switch t {
-	case events.TypeVMObserved, events.TypeVMProgress, events.TypeHostOrphanFound, events.TypeHostOrphanCleared:
-		return true
-	}
-	return false
 }
 
 // applyTo folds rec into r's state with fold (an Apply method), leaving

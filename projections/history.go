@@ -75,6 +75,8 @@ type genVM struct {
 	// incarnation is the sequence of the decision that set the goal;
 	// observed the last incarnation its agent reported.
 	incarnation, observed uint64
+	// checkpoints are its taken checkpoints not yet deleted.
+	checkpoints []string
 }
 
 // message is one message to publish: sealed bytes, or corrupt ones.
@@ -138,6 +140,8 @@ func (h *history) act() {
 		h.liveness()
 	case n < 88:
 		h.lease()
+	case n < 92:
+		h.checkpoint()
 	default:
 		h.report()
 	}

@@ -428,7 +428,11 @@ func newEvent(t testing.TB, typ events.Type) events.Event {
 		events.TypeHostLost: &events.HostLost{}, events.TypeHostRejoined: &events.HostRejoined{},
 		events.TypeLeaseGranted: &events.LeaseGranted{}, events.TypeLeaseReleased: &events.LeaseReleased{},
 		events.TypeLeaseExpired: &events.LeaseExpired{}, events.TypeLeaseBreaking: &events.LeaseBreaking{},
-		events.TypeLeaseBroken: &events.LeaseBroken{},
+		events.TypeLeaseBroken:           &events.LeaseBroken{},
+		events.TypeVMCheckpointRequested: &events.VMCheckpointRequested{}, events.TypeVMRestoreRequested: &events.VMRestoreRequested{},
+		events.TypeVMCheckpointDeleted: &events.VMCheckpointDeleted{}, events.TypeVMCheckpointScheduled: &events.VMCheckpointScheduled{},
+		events.TypeVMCheckpointTaken: &events.VMCheckpointTaken{}, events.TypeVMRestored: &events.VMRestored{},
+		events.TypeVMCheckpointFailed: &events.VMCheckpointFailed{}, events.TypeVMCheckpointRemoved: &events.VMCheckpointRemoved{},
 	}
 	if len(known) != len(events.Types()) {
 		t.Fatalf("newEvent knows %d event types, events has %d: add the new ones", len(known), len(events.Types()))
