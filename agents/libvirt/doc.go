@@ -15,7 +15,11 @@
 //     ErrDisconnected; Close the Client and Dial again.
 //  3. Drive domains with the idempotent verbs (Define, Start, Destroy, Suspend,
 //     Resume, Undefine) and observe them with List, Lookup and Events.
-//  4. Close the Client when done; Close waits for the goroutines it owns.
+//  4. Checkpoint with TakeSnapshot and roll back with RestoreMemory. Libvirt
+//     keeps no snapshot metadata: the caller records the files. After a
+//     snapshot the domain's definitions name the new overlay; Define it
+//     with DiskPath = DiskSource, never the frozen layer it was defined on.
+//  5. Close the Client when done; Close waits for the goroutines it owns.
 //
 // Domain names come from outside and are checked by ValidateName before any
 // RPC. Libvirt's own failures are returned as *Error, which carries libvirt's

@@ -288,12 +288,17 @@ func loomSpace(space string) bool {
 // checkXMLText rejects strings XML 1.0 cannot carry. encoding/xml would
 // silently replace them, and the value read back would differ.
 func checkXMLText(what, s string) error {
+	return checkText(ErrInvalidSpec, what, s)
+}
+
+// checkText is checkXMLText with the error wrapping kind.
+func checkText(kind error, what, s string) error {
 	for i, r := range s {
 		if r == utf8.RuneError && !strings.HasPrefix(s[i:], "\uFFFD") {
-			return fmt.Errorf("%w: %s is not valid UTF-8 at byte %d", ErrInvalidSpec, what, i)
+			return fmt.Errorf("%w: %s is not valid UTF-8 at byte %d", kind, what, i)
 		}
 		if !xmlChar(r) {
-			return fmt.Errorf("%w: %s holds %U at byte %d, which XML cannot carry", ErrInvalidSpec, what, r, i)
+			return fmt.Errorf("%w: %s holds %U at byte %d, which XML cannot carry", kind, what, r, i)
 		}
 	}
 	return nil

@@ -20,6 +20,9 @@ var (
 	ErrInvalidSpec = errors.New("invalid domain spec")
 	// ErrInvalidConfig means a Config cannot be used to dial.
 	ErrInvalidConfig = errors.New("invalid libvirt config")
+	// ErrInvalidSnapshot means a Snapshot, or a path given to RestoreMemory,
+	// cannot be used.
+	ErrInvalidSnapshot = errors.New("invalid snapshot")
 )
 
 // Error is a failure reported by libvirtd itself. Code is libvirt's
