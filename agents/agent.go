@@ -252,6 +252,10 @@ type vmRecord struct {
 	// leaseChanged is set when an event on a lease the goal names arrived
 	// since the last reconcile (notify.go).
 	leaseChanged bool
+	// stepReported and dropReported are the incarnations whose checkpoint
+	// step and drop list this process last reported on: they are not done
+	// again.
+	stepReported, dropReported uint64
 }
 
 // New makes an Agent from cfg. It starts nothing: call Run.

@@ -278,16 +278,18 @@ func metadataCurrent(dom libvirt.Domain, goal events.Goal) bool {
 	return true
 }
 
-// domainSpec is the libvirt definition of goal's domain.
-func (a *Agent) domainSpec(goal events.Goal, uuid [16]byte) libvirt.DomainSpec {
+// domainSpecOn is the libvirt definition of goal's domain, writing to
+// disk (its top layer; empty on a host without disks).
+func (a *Agent) domainSpecOn(goal events.Goal, uuid [16]byte, disk string) libvirt.DomainSpec {
 	spec := libvirt.DomainSpec{
 		Name:      goal.VM,
 		UUID:      uuid,
 		VCPUs:     goal.Spec.CPU,
 		MemoryMiB: goal.Spec.MemoryMiB,
 		Metadata:  domainMetadata(goal),
+		DiskPath:  disk,
 	}
-	spec.DiskPath, spec.SerialPath = a.vmFiles(goal)
+	_, spec.SerialPath = a.vmFiles(goal)
 	if spec.DiskPath != "" && goal.Spec.Disk.Boot != nil {
 		b := goal.Spec.Disk.Boot
 		spec.Kernel, spec.Initrd, spec.Cmdline = b.Kernel, b.Initrd, b.Cmdline

@@ -51,6 +51,12 @@ func reportOf(m bus.Message) events.VMObserved {
 		return ev
 	case events.VMProgress:
 		return events.VMObserved{UID: ev.UID, Incarnation: ev.Incarnation}
+	case events.VMCheckpointTaken:
+		return events.VMObserved{UID: ev.UID, Incarnation: ev.Incarnation}
+	case events.VMRestored:
+		return events.VMObserved{UID: ev.UID, Incarnation: ev.Incarnation}
+	case events.VMCheckpointFailed:
+		return events.VMObserved{UID: ev.UID, Incarnation: ev.Incarnation}
 	}
 	return events.VMObserved{}
 }

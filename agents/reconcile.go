@@ -197,10 +197,19 @@ func (a *Agent) reconcileGoal(ctx context.Context, name string, v vmRecord) (con
 		}
 	}
 
+	if st := goal.Step; st != nil && st.Op == events.CheckpointOpRestore && v.stepReported != goal.Incarnation {
+		a.markActed(name)
+		active := found && dom.State != libvirt.StateShutoff
+		if err := a.restoreCheckpoint(ctx, hv, goal, uuid, found, active); err != nil {
+			return true, a.fail(ctx, name, goal, err)
+		}
+		if dom, found, err = lookup(ctx, hv, name); err != nil {
+			return true, a.fail(ctx, name, goal, err)
+		}
+		seen = observedState(dom, found)
+	}
 	if steps := plan(goal.Desired, found, dom.State, found && metadataCurrent(dom, goal)); len(steps) > 0 {
-		a.mu.Lock()
-		a.vms[name].acted = true
-		a.mu.Unlock()
+		a.markActed(name)
 		if err := a.execute(ctx, hv, goal, uuid, steps); err != nil {
 			return true, a.fail(ctx, name, goal, err)
 		}
@@ -208,6 +217,16 @@ func (a *Agent) reconcileGoal(ctx context.Context, name string, v vmRecord) (con
 			return true, a.fail(ctx, name, goal, err)
 		}
 		seen = observedState(dom, found)
+	}
+	if st := goal.Step; st != nil && st.Op == events.CheckpointOpTake && v.stepReported != goal.Incarnation && seen.Satisfies(goal.Desired) {
+		if err := a.takeCheckpoint(ctx, hv, goal); err != nil {
+			return true, a.fail(ctx, name, goal, err)
+		}
+	}
+	if len(goal.Drop) > 0 && v.dropReported != goal.Incarnation {
+		if err := a.dropCheckpoints(ctx, goal); err != nil {
+			return true, a.fail(ctx, name, goal, err)
+		}
 	}
 	if err := a.observe(ctx, name, events.VMObserved{UID: goal.UID, Incarnation: goal.Incarnation, State: seen, Leases: goal.Leases}); err != nil {
 		return true, err
@@ -230,7 +249,16 @@ func (a *Agent) execute(ctx context.Context, hv Hypervisor, goal events.Goal, uu
 			if err := a.provision(ctx, goal); err != nil {
 				return err
 			}
-			err = hv.Define(ctx, a.domainSpec(goal, uuid))
+			disk, err := a.top(goal)
+			if err != nil {
+				return err
+			}
+			err = hv.Define(ctx, a.domainSpecOn(goal, uuid, disk))
+			a.metrics.action(s, err)
+			if err != nil {
+				return err
+			}
+			continue
 		case stepStart, stepResume:
 			if fault := a.fence.check(BootNanos()); fault != nil {
 				a.metrics.fenced.Inc()
@@ -381,4 +409,12 @@ func converged(v vmRecord) bool {
 // failed is the report of a goal the agent could not carry out.
 func failed(goal events.Goal, fault *events.Fault) events.VMObserved {
 	return events.VMObserved{UID: goal.UID, Incarnation: goal.Incarnation, State: events.ObservedFailed, Fault: fault, Leases: goal.Leases}
+}
+
+// markActed notes that the agent changed the VM's domain since its last
+// report, so the next difference is not taken for a drift.
+func (a *Agent) markActed(name string) {
+	a.mu.Lock()
+	a.vms[name].acted = true
+	a.mu.Unlock()
 }

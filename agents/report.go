@@ -85,6 +85,37 @@ func (a *Agent) progress(ctx context.Context, name string, p events.VMProgress) 
 	a.metrics.observations.WithLabelValues(string(events.TypeVMProgress)).Inc()
 }
 
+// reportStep publishes the outcome of goal's checkpoint step on the VM's
+// observation subject. The next observation is always published after it,
+// as after a progress report.
+func (a *Agent) reportStep(ctx context.Context, goal events.Goal, ev events.Event) error {
+	drop := ev.EventType() == events.TypeVMCheckpointRemoved
+	a.mu.Lock()
+	v := a.vmLocked(goal.VM)
+	head := v.head
+	a.mu.Unlock()
+
+	subject := events.ObservationSubject(a.cfg.Host, events.KindVM, goal.VM)
+	next, err := a.appendChained(ctx, subject, events.KindVM, goal.VM, ev, head)
+	if errors.Is(err, bus.ErrWrongLastSeq) {
+		return a.rereadVM(ctx, goal.VM, subject, err)
+	}
+	if err != nil {
+		return fmt.Errorf("report %s of vm %s: %w", ev.EventType(), goal.VM, err)
+	}
+	a.mu.Lock()
+	v.head = next
+	if drop {
+		v.dropReported = goal.Incarnation
+	} else {
+		v.stepReported = goal.Incarnation
+	}
+	v.reported = events.VMObserved{UID: goal.UID, Incarnation: goal.Incarnation}
+	a.mu.Unlock()
+	a.metrics.observations.WithLabelValues(string(ev.EventType())).Inc()
+	return nil
+}
+
 // rereadVM learns what stands on a VM's subject after an append was
 // rejected because someone else wrote it, and returns the conflict.
 func (a *Agent) rereadVM(ctx context.Context, name, subject string, cause error) error {

@@ -73,15 +73,19 @@ func (a *Agent) provision(ctx context.Context, goal events.Goal) error {
 	return nil
 }
 
-// unprovision removes goal's overlay and serial log, once its domain is
+// unprovision removes every file of goal's VM on this host (its layers,
+// checkpoint memory, top file and serial log), once its domain is
 // undefined for good.
 func (a *Agent) unprovision(goal events.Goal) error {
-	disk, serial := a.vmPaths(goal)
+	if a.cfg.StorageDir == "" {
+		return nil
+	}
+	files, err := filepath.Glob(a.vmBase(goal) + ".*")
+	if err != nil {
+		return err
+	}
 	var errs []error
-	for _, f := range []string{disk, serial} {
-		if f == "" {
-			continue
-		}
+	for _, f := range files {
 		if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}

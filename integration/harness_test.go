@@ -262,6 +262,14 @@ func setCommandID(body any, id string) {
 		c.CommandID = or(c.CommandID, id)
 	case *events.VMCommand:
 		c.CommandID = or(c.CommandID, id)
+	case *events.CheckpointVM:
+		c.CommandID = or(c.CommandID, id)
+	case *events.RestoreVM:
+		c.CommandID = or(c.CommandID, id)
+	case *events.DeleteCheckpoint:
+		c.CommandID = or(c.CommandID, id)
+	case *events.ScheduleCheckpoints:
+		c.CommandID = or(c.CommandID, id)
 	}
 }
 

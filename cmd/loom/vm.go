@@ -96,6 +96,7 @@ func newVMCommand(flags *clientFlags) *cobra.Command {
 		lifecycle(events.VerbPause, "Pause a VM"), lifecycle(events.VerbResume, "Resume a paused VM"),
 		lifecycle(events.VerbDelete, "Delete a VM: destroy and undefine its domain"),
 		list, get)
+	cmd.AddCommand(newCheckpointCommands(flags)...)
 	return cmd
 }
 
@@ -115,6 +116,10 @@ func printVM(w io.Writer, output string, vm *events.VMView) error {
 	for _, l := range vm.Leases {
 		leases = append(leases, fmt.Sprintf("%s %s@%d", l.Resource, l.Mode, l.Epoch))
 	}
+	step := "-"
+	if vm.Step != nil {
+		step = fmt.Sprintf("%s checkpoint %s (%s), not yet reported", vm.Step.Op, vm.Step.Checkpoint, vm.Step.Kind)
+	}
 	moved := "-"
 	if vm.Left != "" {
 		moved = "from " + vm.Left + " (" + vm.LeftReason + ")"
@@ -126,6 +131,7 @@ func printVM(w io.Writer, output string, vm *events.VMView) error {
 		{"leases", orDash(strings.Join(leases, ", "))}, {"moved", moved}, {"on host lost", orDash(string(vm.OnHostLost))},
 		{"observed", orDash(string(vm.Observed.State))}, {"observed incarnation", strconv.FormatUint(vm.Observed.Incarnation, 10)},
 		{"observed at", ago(vm.Observed.Time)}, {"fault", fault}, {"converged", strconv.FormatBool(vm.Converged)},
+		{"checkpoints", strconv.Itoa(len(vm.Checkpoints))}, {"step", step},
 	})
 }
 
