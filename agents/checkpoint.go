@@ -222,13 +222,15 @@ func (a *Agent) dropCheckpoints(ctx context.Context, goal events.Goal) error {
 	if err != nil {
 		return err
 	}
-	for _, d := range goal.Drop {
+	for _, d := range goal.Drop { // all checked before anything is removed
 		for _, f := range []string{d.Disk, d.Memory} {
 			if f != "" && !a.ownFile(goal, f) && f != a.vmBase(goal)+".qcow2" {
 				return a.reportStep(ctx, goal, events.VMCheckpointFailed{UID: goal.UID, Incarnation: goal.Incarnation, Checkpoint: d.Checkpoint,
 					Op: events.CheckpointOpRemove, Fault: events.Errorf(events.CodeInvalidArgument, "checkpoint %s names %q, not one of %s's files", d.Checkpoint, f, goal.VM), Leases: goal.Leases})
 			}
 		}
+	}
+	for _, d := range goal.Drop {
 		if d.Memory != "" {
 			if err := os.Remove(d.Memory); err != nil && !errors.Is(err, os.ErrNotExist) {
 				return err

@@ -90,6 +90,9 @@ func (a *Agent) progress(ctx context.Context, name string, p events.VMProgress) 
 // as after a progress report.
 func (a *Agent) reportStep(ctx context.Context, goal events.Goal, ev events.Event) error {
 	drop := ev.EventType() == events.TypeVMCheckpointRemoved
+	if f, ok := ev.(events.VMCheckpointFailed); ok && f.Op == events.CheckpointOpRemove {
+		drop = true
+	}
 	a.mu.Lock()
 	v := a.vmLocked(goal.VM)
 	head := v.head
