@@ -65,21 +65,23 @@ func (a *Agent) takeCheckpoint(ctx context.Context, hv Hypervisor, goal events.G
 		}
 		return a.reportTaken(ctx, goal, prev, layer, memory, 0)
 	}
-	prev, err := a.top(goal)
+	next, prev, err := a.topRecord(goal)
 	if err != nil {
 		return err
+	}
+	if next != layer { // no earlier attempt of this step: the top is what the VM writes to
+		if prev, err = a.top(goal); err != nil {
+			return err
+		}
 	}
 	if prev != current {
 		return a.stepFailed(ctx, goal, events.Errorf(events.CodeLibvirtError,
 			"domain %s writes to %s, its top layer is %s: refusing to checkpoint a disk Loom does not know", goal.VM, current, prev))
 	}
-	// Files of an earlier attempt that did not complete go first.
-	for _, f := range []string{layer, memory} {
-		if f != "" {
-			if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
-				return err
-			}
-		}
+	// Files of an earlier attempt that did not complete go first: the
+	// domain does not write to them (it writes to prev).
+	if err := removeFiles(layer, memory); err != nil {
+		return err
 	}
 	if err := a.setTop(goal, layer, prev); err != nil {
 		return err
@@ -88,18 +90,21 @@ func (a *Agent) takeCheckpoint(ctx context.Context, hv Hypervisor, goal events.G
 	err = cp.TakeSnapshot(ctx, goal.VM, libvirt.Snapshot{Name: step.Checkpoint, Overlay: layer, Memory: memory})
 	took := time.Since(started)
 	if err != nil {
-		// libvirt's atomic snapshot left the domain as it was: so are the
-		// files and the top.
-		for _, f := range []string{layer, memory} {
-			if f != "" {
-				_ = os.Remove(f)
-			}
-		}
-		if terr := a.setTop(goal, prev, prev); terr != nil {
-			return errors.Join(err, terr)
-		}
 		if unavailable(err) || ctx.Err() != nil {
-			return err // not the checkpoint's fault: try again
+			// Whether it happened is unknown: leave the files and the
+			// top (both right either way) for the retry to look at.
+			return err
+		}
+		now, derr := cp.DiskSource(ctx, goal.VM)
+		switch {
+		case derr != nil:
+			return errors.Join(err, derr)
+		case now == layer: // it happened after all
+			return a.reportTaken(ctx, goal, prev, layer, memory, took)
+		}
+		// libvirt's atomic snapshot left the domain writing to prev.
+		if rerr := errors.Join(removeFiles(layer, memory), a.setTop(goal, prev, prev)); rerr != nil {
+			return errors.Join(err, rerr)
 		}
 		return a.stepFailed(ctx, goal, faultOf(err))
 	}
@@ -157,19 +162,31 @@ func (a *Agent) restoreCheckpoint(ctx context.Context, hv Hypervisor, goal event
 			return err
 		}
 	}
+	// The top file names the new layer only once the restore is done: a
+	// crash before that finds the step not done, and does it all again
+	// (the domain is destroyed first, and the layer made anew).
 	if err := makeLayer(ctx, layer, step.Disk, "qcow2"); err != nil {
 		return a.stepFailed(ctx, goal, faultOf(err))
-	}
-	if err := a.setTop(goal, layer, prev); err != nil {
-		return err
 	}
 	if err := hv.Define(ctx, a.domainSpecOn(goal, uuid, layer)); err != nil {
 		return err
 	}
 	if step.Kind == events.CheckpointFull {
-		if err := cp.RestoreMemory(ctx, step.Memory, layer, goal.Desired == events.DesiredPaused); err != nil {
-			return a.stepFailed(ctx, goal, faultOf(fmt.Errorf("restore the memory of checkpoint %s (the domain is stopped on the restored disk): %w", step.Checkpoint, err)))
+		err := cp.RestoreMemory(ctx, step.Memory, layer, goal.Desired == events.DesiredPaused)
+		if err != nil && (unavailable(err) || ctx.Err() != nil) {
+			return err // the retry does it again
 		}
+		if err != nil {
+			// The VM stays on the disk it had; the plan starts it there.
+			if derr := hv.Define(ctx, a.domainSpecOn(goal, uuid, prev)); derr != nil {
+				return errors.Join(err, derr)
+			}
+			_ = os.Remove(layer)
+			return a.stepFailed(ctx, goal, faultOf(fmt.Errorf("restore the memory of checkpoint %s (the VM goes on from its own disk, booted again): %w", step.Checkpoint, err)))
+		}
+	}
+	if err := a.setTop(goal, layer, prev); err != nil {
+		return err
 	}
 	took := time.Since(started)
 	a.dropAbandoned(goal, prev, step.Disk)
@@ -188,7 +205,7 @@ func (a *Agent) checkRestore(goal events.Goal) *events.Fault {
 		files = append(files, step.Memory)
 	}
 	for _, f := range files {
-		if !a.ownFile(goal, f) && f != a.vmBase(goal)+".qcow2" {
+		if !a.ownFile(goal, f) {
 			return events.Errorf(events.CodeInvalidArgument, "restore of %s names %q, which is not one of its files on host %s", goal.VM, f, a.cfg.Host)
 		}
 		if _, err := os.Stat(f); err != nil {
@@ -224,7 +241,7 @@ func (a *Agent) dropCheckpoints(ctx context.Context, goal events.Goal) error {
 	}
 	for _, d := range goal.Drop { // all checked before anything is removed
 		for _, f := range []string{d.Disk, d.Memory} {
-			if f != "" && !a.ownFile(goal, f) && f != a.vmBase(goal)+".qcow2" {
+			if f != "" && !a.ownFile(goal, f) {
 				return a.reportStep(ctx, goal, events.VMCheckpointFailed{UID: goal.UID, Incarnation: goal.Incarnation, Checkpoint: d.Checkpoint,
 					Op: events.CheckpointOpRemove, Fault: events.Errorf(events.CodeInvalidArgument, "checkpoint %s names %q, not one of %s's files", d.Checkpoint, f, goal.VM), Leases: goal.Leases})
 			}
@@ -262,4 +279,18 @@ func (a *Agent) stepFailed(ctx context.Context, goal events.Goal, fault *events.
 	a.log.Warn("checkpoint step failed", logVM, goal.VM, "op", goal.Step.Op, "checkpoint", goal.Step.Checkpoint, logErr, fault)
 	return a.reportStep(ctx, goal, events.VMCheckpointFailed{UID: goal.UID, Incarnation: goal.Incarnation,
 		Checkpoint: goal.Step.Checkpoint, Op: goal.Step.Op, Fault: fault, Leases: goal.Leases})
+}
+
+// removeFiles removes files that may not exist; empty names are skipped.
+func removeFiles(files ...string) error {
+	var errs []error
+	for _, f := range files {
+		if f == "" {
+			continue
+		}
+		if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }

@@ -4,8 +4,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"sync/atomic"
 	"testing"
 
+	"github.com/loomctl/loom/agents/libvirt"
 	"github.com/loomctl/loom/events"
 )
 
@@ -172,4 +175,82 @@ func TestAgent_DropCheckpoints(t *testing.T) {
 			t.Errorf("%s: kept %v, want %v (%v)", filepath.Base(path), err == nil, kept, err)
 		}
 	}
+}
+
+// Faults you cannot time on a real libvirtd, on the fake: a snapshot that
+// libvirt refused is reported failed and leaves no file; one whose reply
+// was lost (the daemon went away) is looked at again and reported taken
+// once; one libvirt answered with an error although it happened is
+// reported taken, never failed, and its files are kept.
+func TestAgent_CheckpointAmbiguousFailures(t *testing.T) {
+	s := newFakeSetup(t, "h1")
+	dir := t.TempDir()
+	s.cfg.StorageDir = dir
+	image := filepath.Join(dir, "image.qcow2")
+	qcow2(t, image, "")
+	var fault atomic.Pointer[injected]
+	s.host.setFail(func(op, name string) error {
+		if f := fault.Load(); f != nil && f.op == op && fault.CompareAndSwap(f, nil) {
+			return f.err
+		}
+		return nil
+	})
+	startAgent(t, s.cfg)
+	uid := events.DeriveUID("t", "vm1")
+	goal := goalOf("h1", "vm1", uid, events.DesiredRunning, 10)
+	goal.Spec.Disk = &events.ImageDisk{Source: image, Format: "qcow2"}
+	publishGoal(t, s.bus.JS, goal)
+	waitObserved(t, s.bus.JS, "h1", "vm1", 10, events.ObservedRunning)
+	a := &Agent{cfg: s.cfg}
+	first := a.vmBase(goal) + ".qcow2"
+
+	take := func(incarnation uint64, id string, op string, err error) {
+		t.Helper()
+		fault.Store(&injected{op, err})
+		g := goal
+		g.Incarnation = incarnation
+		g.Step = &events.GoalStep{Op: events.CheckpointOpTake, Checkpoint: id, Kind: events.CheckpointFull}
+		publishGoal(t, s.bus.JS, g)
+		waitObserved(t, s.bus.JS, "h1", "vm1", incarnation, events.ObservedRunning)
+	}
+	refused := &libvirt.Error{Code: codeInternal, Message: "internal error: unable to execute QEMU command"}
+	take(20, "ck-1", "snapshot", refused)
+	take(30, "ck-2", "snapshot-done", libvirt.ErrDisconnected)
+	take(40, "ck-3", "snapshot-done", refused)
+
+	reports := stepReports(t, s, "vm1")
+	var got []string
+	for _, r := range reports {
+		switch r := r.(type) {
+		case events.VMCheckpointTaken:
+			got = append(got, "taken "+r.Checkpoint)
+		case events.VMCheckpointFailed:
+			got = append(got, "failed "+r.Checkpoint)
+		}
+	}
+	if want := []string{"failed ck-1", "taken ck-2", "taken ck-3"}; !slices.Equal(got, want) {
+		t.Fatalf("reports %v, want %v", got, want)
+	}
+	ck2, ck3 := a.layerPath(goal, "ck-2"), a.layerPath(goal, "ck-3")
+	if taken := reports[1].(events.VMCheckpointTaken); taken.Disk != first || taken.Top != ck2 {
+		t.Fatalf("ck-2: %+v", taken)
+	}
+	if taken := reports[2].(events.VMCheckpointTaken); taken.Disk != ck2 || taken.Top != ck3 {
+		t.Fatalf("ck-3: %+v", taken)
+	}
+	for path, exists := range map[string]bool{a.layerPath(goal, "ck-1"): false, a.memoryPath(goal, "ck-1"): false,
+		ck2: true, ck3: true, a.memoryPath(goal, "ck-3"): true} {
+		if _, err := os.Stat(path); (err == nil) != exists {
+			t.Errorf("%s: exists %v, want %v", filepath.Base(path), err == nil, exists)
+		}
+	}
+	if top, err := a.top(goal); err != nil || top != ck3 {
+		t.Fatalf("top %q %v, want %s", top, err, ck3)
+	}
+}
+
+// injected is one fault to inject: err, at op.
+type injected struct {
+	op  string
+	err error
 }

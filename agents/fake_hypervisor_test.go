@@ -40,6 +40,7 @@ type fakeDomain struct {
 	state     libvirt.State
 	metadata  map[string]string
 	transient bool // undefined while running: goes away when it stops
+	disk      string
 }
 
 func newFakeHost() *fakeHost {
@@ -251,7 +252,7 @@ func (c *fakeConn) Define(ctx context.Context, spec libvirt.DomainSpec) error {
 			d = &fakeDomain{uuid: spec.UUID, state: libvirt.StateShutoff}
 			h.domains[spec.Name] = d
 		}
-		d.metadata, d.transient = maps.Clone(spec.Metadata), false
+		d.metadata, d.transient, d.disk = maps.Clone(spec.Metadata), false, spec.DiskPath
 		h.emitLocked(spec.Name, d.uuid, "defined")
 		return nil
 	})

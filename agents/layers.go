@@ -55,22 +55,41 @@ func (a *Agent) top(goal events.Goal) (string, error) {
 	if disk == "" {
 		return "", nil
 	}
-	data, err := os.ReadFile(a.vmBase(goal) + ".top")
-	if errors.Is(err, os.ErrNotExist) {
-		return disk, nil
-	}
+	next, prev, err := a.topRecord(goal)
 	if err != nil {
-		return "", fmt.Errorf("read the top layer of %s: %w", goal.VM, err)
+		return "", err
 	}
-	for _, candidate := range strings.Fields(string(data)) {
-		if !a.ownFile(goal, candidate) {
-			return "", fmt.Errorf("top file of %s names %q, not one of its layers", goal.VM, candidate)
+	for _, candidate := range []string{next, prev} {
+		if candidate == "" {
+			continue
 		}
 		if _, err := os.Stat(candidate); err == nil {
 			return candidate, nil
 		}
 	}
 	return disk, nil
+}
+
+// topRecord reads the top file: the layer named top, and the one that was
+// top before it; both empty when there is no file.
+func (a *Agent) topRecord(goal events.Goal) (next, prev string, err error) {
+	data, err := os.ReadFile(a.vmBase(goal) + ".top")
+	if errors.Is(err, os.ErrNotExist) {
+		return "", "", nil
+	}
+	if err != nil {
+		return "", "", fmt.Errorf("read the top layer of %s: %w", goal.VM, err)
+	}
+	fields := strings.Fields(string(data))
+	if len(fields) != 2 {
+		return "", "", fmt.Errorf("top file of %s: %d names, want 2", goal.VM, len(fields))
+	}
+	for _, f := range fields {
+		if !a.ownFile(goal, f) {
+			return "", "", fmt.Errorf("top file of %s names %q, not one of its layers", goal.VM, f)
+		}
+	}
+	return fields[0], fields[1], nil
 }
 
 // setTop records next as the VM's top, and prev as the top to fall back
