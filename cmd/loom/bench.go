@@ -46,7 +46,12 @@ func newBenchCommand() *cobra.Command {
   converge  command accepted -> agent observed converged, p50 and p99, with --vms VMs on the
             test driver
   memory    NATS server memory per 10,000 aggregates
-Every part starts its own embedded NATS in a temporary directory. Needs root for converge.`,
+  checkpoint
+            checkpoint time of a running guest, disk-only and full, through Loom (command sent ->
+            read model shows it taken) against the libvirt snapshot call alone, on the same kind
+            of guest (the tiny Linux of loom up --qemu) on one private libvirtd; --vms is ignored
+Every part starts its own embedded NATS in a temporary directory. Needs root for converge
+and checkpoint, and QEMU for checkpoint (run: ops/libvirt/install.sh --qemu).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if cfg.cpuProfile != "" {
@@ -63,7 +68,7 @@ Every part starts its own embedded NATS in a temporary directory. Needs root for
 			return runBench(cmd.Context(), cfg, cmd.OutOrStdout())
 		},
 	}
-	cmd.Flags().StringVar(&cfg.only, "only", "", "run one part: create, lease, rebuild, converge or memory")
+	cmd.Flags().StringVar(&cfg.only, "only", "", "run one part: create, lease, rebuild, converge, memory or checkpoint")
 	cmd.Flags().IntVar(&cfg.clients, "clients", 16, "concurrent clients for create and lease")
 	cmd.Flags().DurationVar(&cfg.duration, "duration", 10*time.Second, "how long each throughput run lasts")
 	cmd.Flags().IntVar(&cfg.events, "events", 1_000_000, "events for rebuild")
@@ -71,7 +76,7 @@ Every part starts its own embedded NATS in a temporary directory. Needs root for
 	cmd.Flags().StringVar(&cfg.sync, "sync", "always", "embedded NATS durability for every part: always, or an fsync interval")
 	cmd.Flags().BoolVar(&cfg.keep, "keep", false, "keep the temporary directories")
 	cmd.Flags().StringVar(&cfg.cpuProfile, "cpuprofile", "", "write a CPU profile of the run to this file (go tool pprof)")
-	cmd.Flags().BoolVarP(&cfg.verbose, "verbose", "v", false, "log what the control plane and agents do (converge)")
+	cmd.Flags().BoolVarP(&cfg.verbose, "verbose", "v", false, "log what the control plane and agents do (converge, checkpoint)")
 	return cmd
 }
 
@@ -88,6 +93,7 @@ func runBench(ctx context.Context, cfg benchConfig, w io.Writer) error {
 		{"rebuild", benchRebuild},
 		{"converge", benchConverge},
 		{"memory", benchMemory},
+		{"checkpoint", benchCheckpoint},
 	}
 	names := make([]string, 0, len(parts))
 	for _, p := range parts {
