@@ -23,6 +23,13 @@ var (
 	// ErrInvalidSnapshot means a Snapshot, or a path given to RestoreMemory,
 	// cannot be used.
 	ErrInvalidSnapshot = errors.New("invalid snapshot")
+	// ErrInvalidMigration means a Migration cannot be used.
+	ErrInvalidMigration = errors.New("invalid migration")
+	// ErrNoMigrationStats means libvirt keeps no statistics of a completed
+	// incoming migration for the domain.
+	ErrNoMigrationStats = errors.New("no completed migration statistics")
+	// ErrInvalidPool means a storage pool's name or directory cannot be used.
+	ErrInvalidPool = errors.New("invalid storage pool")
 )
 
 // Error is a failure reported by libvirtd itself. Code is libvirt's
