@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -33,8 +31,8 @@ import (
 // sync always: atomic batches of cfg.clients checked messages against as
 // many single synced publishes. Every run has a fresh embedded server.
 func benchLease(ctx context.Context, cfg benchConfig, dir string, w io.Writer) error {
-	if cfg.clients < 1 || cfg.clients > maxBatch {
-		return fmt.Errorf("--clients %d: lease wants 1 to %d (an atomic batch holds at most %d messages)", cfg.clients, maxBatch, maxBatch)
+	if cfg.clients < 1 || cfg.clients > bus.MaxBatch {
+		return fmt.Errorf("--clients %d: lease wants 1 to %d (an atomic batch holds at most %d messages)", cfg.clients, bus.MaxBatch, bus.MaxBatch)
 	}
 	log := quietLogger()
 	if cfg.verbose {
@@ -356,7 +354,7 @@ func batchRate(ctx context.Context, cfg benchConfig, dir string, log *slog.Logge
 				msgs[j] = m
 			}
 			start := time.Now()
-			seq, err := publishBatch(timed, nc, msgs)
+			seq, err := bus.PublishBatch(timed, nc, msgs)
 			if err != nil {
 				if timed.Err() != nil {
 					return nil
@@ -377,59 +375,4 @@ func batchRate(ctx context.Context, cfg benchConfig, dir string, log *slog.Logge
 	f.msgs = f.batches * float64(k)
 	log.Info("atomic batches measured", "size", k, "batches_per_s", f.batches)
 	return f, err
-}
-
-// ADR-50 atomic batch headers (nats.go has no atomic-batch API), and the
-// most messages a batch may hold.
-const (
-	maxBatch = 1000
-
-	headerBatchID     = "Nats-Batch-Id"
-	headerBatchSeq    = "Nats-Batch-Sequence"
-	headerBatchCommit = "Nats-Batch-Commit"
-)
-
-// publishBatch stores msgs as one atomic batch on a stream that allows
-// atomic publish: all or none. Every message but the last is sent without
-// waiting for an answer; the last carries the commit, and its ack answers
-// for the whole batch. It returns the stream sequence of the last message.
-func publishBatch(ctx context.Context, nc *nats.Conn, msgs []*nats.Msg) (uint64, error) {
-	if len(msgs) == 0 {
-		return 0, errors.New("publish batch: no messages")
-	}
-	id := ulid.Make().String()
-	for i, m := range msgs {
-		if m.Header == nil {
-			m.Header = nats.Header{}
-		}
-		m.Header.Set(headerBatchID, id)
-		m.Header.Set(headerBatchSeq, strconv.Itoa(i+1))
-		if i == len(msgs)-1 {
-			break
-		}
-		if err := nc.PublishMsg(m); err != nil {
-			return 0, fmt.Errorf("publish batch %s: message %d: %w", id, i+1, err)
-		}
-	}
-	commit := msgs[len(msgs)-1]
-	commit.Header.Set(headerBatchCommit, "1")
-	resp, err := nc.RequestMsgWithContext(ctx, commit)
-	if err != nil {
-		return 0, fmt.Errorf("publish batch %s: commit: %w", id, err)
-	}
-	var ack struct {
-		Seq   uint64              `json:"seq"`
-		Count int                 `json:"count"`
-		Error *jetstream.APIError `json:"error"`
-	}
-	if err := json.Unmarshal(resp.Data, &ack); err != nil {
-		return 0, fmt.Errorf("publish batch %s: undecodable ack %q: %w", id, resp.Data, err)
-	}
-	switch {
-	case ack.Error != nil:
-		return 0, fmt.Errorf("publish batch %s: %w", id, ack.Error)
-	case ack.Count != len(msgs):
-		return 0, fmt.Errorf("publish batch %s: ack counts %d messages, sent %d", id, ack.Count, len(msgs))
-	}
-	return ack.Seq, nil
 }
