@@ -24,6 +24,10 @@ const (
 	CodeHostNotFound Code = 2001
 	// A host of that name is already registered with a different spec.
 	CodeHostExists Code = 2002
+	// The host is declared lost or cordoned: it takes no new VM, and no migration.
+	CodeHostUnavailable Code = 2003
+	// The host's agent did not say how other hosts' libvirtd reach it (`loom agent --migrate-uri`), or keeps no disks: no VM can migrate to it.
+	CodeHostCannotReceive Code = 2004
 	// No image is registered under that name.
 	CodeImageNotFound Code = 3001
 	// An image of that name is already registered with a different spec.
@@ -42,6 +46,10 @@ const (
 	CodeVMNotRunning Code = 4006
 	// A checkpoint or restore of the VM is under way (its host has not reported on it yet); wait for it, or give the VM another goal to abandon it.
 	CodeVMBusy Code = 4007
+	// A migration of the VM is under way: it takes no other goal until the migration ends (`loom vm migrate NAME --cancel` asks its host to abort it).
+	CodeVMMigrating Code = 4008
+	// The VM has no migration under way to cancel.
+	CodeNoMigration Code = 4009
 	// libvirt refused an operation; the message carries libvirt's own code and text.
 	CodeLibvirtError Code = 5001
 	// The host's libvirtd cannot be reached; the agent keeps retrying.
@@ -90,6 +98,8 @@ var catalog = map[Code]codeInfo{
 	CodeConflict:               {"conflict", "Other writers kept changing the aggregate; the command did not take effect and retrying is safe."},
 	CodeHostNotFound:           {"host_not_found", "No host is registered under that name."},
 	CodeHostExists:             {"host_exists", "A host of that name is already registered with a different spec."},
+	CodeHostUnavailable:        {"host_unavailable", "The host is declared lost or cordoned: it takes no new VM, and no migration."},
+	CodeHostCannotReceive:      {"host_cannot_receive", "The host's agent did not say how other hosts' libvirtd reach it (`loom agent --migrate-uri`), or keeps no disks: no VM can migrate to it."},
 	CodeImageNotFound:          {"image_not_found", "No image is registered under that name."},
 	CodeImageExists:            {"image_exists", "An image of that name is already registered with a different spec."},
 	CodeVMNotFound:             {"vm_not_found", "No VM of that name exists (or it was deleted)."},
@@ -99,6 +109,8 @@ var catalog = map[Code]codeInfo{
 	CodeVMNotPlaced:            {"vm_not_placed", "The VM is not placed on a host yet; the scheduler will place it."},
 	CodeVMNotRunning:           {"vm_not_running", "The VM is not running or paused (its goal says stopped): a checkpoint needs a live guest. Start it first."},
 	CodeVMBusy:                 {"vm_busy", "A checkpoint or restore of the VM is under way (its host has not reported on it yet); wait for it, or give the VM another goal to abandon it."},
+	CodeVMMigrating:            {"vm_migrating", "A migration of the VM is under way: it takes no other goal until the migration ends (`loom vm migrate NAME --cancel` asks its host to abort it)."},
+	CodeNoMigration:            {"no_migration", "The VM has no migration under way to cancel."},
 	CodeLibvirtError:           {"libvirt_error", "libvirt refused an operation; the message carries libvirt's own code and text."},
 	CodeLibvirtUnavailable:     {"libvirt_unavailable", "The host's libvirtd cannot be reached; the agent keeps retrying."},
 	CodeDomainMismatch:         {"domain_mismatch", "A domain of the VM's name exists on the host with another UUID (another incarnation); the agent will not touch it."},

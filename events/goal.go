@@ -24,6 +24,13 @@ type Goal struct {
 	Step *GoalStep `msgpack:"step,omitempty" json:"step,omitempty"`
 	// Drop lists deleted checkpoints whose files the host must remove.
 	Drop []CheckpointFiles `msgpack:"drop,omitempty" json:"drop,omitempty"`
+	// Keep lists, on the absent goal of a host the VM left, the
+	// checkpoints whose files stay there.
+	Keep []CheckpointFiles `msgpack:"keep,omitempty" json:"keep,omitempty"`
+	// Migrate asks the source to move the domain; Incoming tells the
+	// target to expect it.
+	Migrate  *MigrateStep  `msgpack:"migrate,omitempty" json:"migrate,omitempty"`
+	Incoming *IncomingStep `msgpack:"incoming,omitempty" json:"incoming,omitempty"`
 }
 
 // HeaderIncarnation carries a goal's incarnation on LOOM_GOALS, so a reader
@@ -62,5 +69,30 @@ func GoalOf(s *VMState) (Goal, bool) {
 		Leases:      s.Leases,
 		Step:        s.Step,
 		Drop:        s.dropList(),
+		Migrate:     s.migrateStep(),
 	}, true
+}
+
+// migrateStep is the source's step of the migration under way.
+func (s *VMState) migrateStep() *MigrateStep {
+	m := s.Migration
+	if m == nil {
+		return nil
+	}
+	return &MigrateStep{Migration: m.ID, To: m.To, DestURI: m.DestURI, DataURI: m.DataURI, DisksURI: m.DisksURI,
+		DestDisk: m.DestDisk, Cancel: m.Cancelling}
+}
+
+// IncomingGoalOf is the goal on the target of a VM's migration under way:
+// expect the domain, running, under the source's grants until the move is
+// recorded.
+func IncomingGoalOf(s *VMState) (Goal, bool) {
+	m := s.Migration
+	if m == nil || s.Phase != PhasePlaced {
+		return Goal{}, false
+	}
+	g, _ := GoalOf(s)
+	g.Host, g.Step, g.Drop, g.Migrate = m.To, nil, nil, nil
+	g.Incoming = &IncomingStep{Migration: m.ID, From: m.From, Disk: m.DestDisk}
+	return g, true
 }

@@ -116,6 +116,8 @@ type HostState struct {
 	// Epoch is the LOOM_LIVENESS sequence of the renewal the host last
 	// rejoined with; zero if it was never lost.
 	Epoch uint64 `msgpack:"epoch,omitempty" json:"epoch,omitempty"`
+	// Agent is what the host's agent last said of itself when it started.
+	Agent *HostAgentStarted `msgpack:"agent,omitempty" json:"agent,omitempty"`
 }
 
 // Used sums the host's allocations.
@@ -176,6 +178,9 @@ func (h *HostState) Apply(rec *Record) error {
 		h.Orphans[ev.Domain] = ev
 	case HostOrphanCleared:
 		delete(h.Orphans, ev.Domain)
+	case HostAgentStarted:
+		agent := ev
+		h.Agent = &agent
 	default:
 		return fmt.Errorf("host %s: %w %s", h.Name, errNotForAggregate, rec.Envelope.Type)
 	}

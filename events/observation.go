@@ -92,7 +92,8 @@ func (HostOrphanCleared) EventType() Type { return TypeHostOrphanCleared }
 func IsObservation(t Type) bool {
 	switch t {
 	case TypeVMObserved, TypeVMProgress, TypeHostOrphanFound, TypeHostOrphanCleared,
-		TypeVMCheckpointTaken, TypeVMRestored, TypeVMCheckpointFailed, TypeVMCheckpointRemoved:
+		TypeVMCheckpointTaken, TypeVMRestored, TypeVMCheckpointFailed, TypeVMCheckpointRemoved,
+		TypeVMMigrationReceived, TypeVMMigrationSent, TypeVMMigrationAborted, TypeHostAgentStarted:
 		return true
 	}
 	return false

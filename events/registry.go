@@ -75,6 +75,15 @@ var registry = map[Type]typeInfo{
 	TypeVMRestored:            current[VMRestored](),
 	TypeVMCheckpointFailed:    current[VMCheckpointFailed](),
 	TypeVMCheckpointRemoved:   current[VMCheckpointRemoved](),
+
+	TypeVMMigrationStarted:    current[VMMigrationStarted](),
+	TypeVMMigrated:            current[VMMigrated](),
+	TypeVMMigrationFailed:     current[VMMigrationFailed](),
+	TypeVMMigrationCancelling: current[VMMigrationCancelling](),
+	TypeVMMigrationReceived:   current[VMMigrationReceived](),
+	TypeVMMigrationSent:       current[VMMigrationSent](),
+	TypeVMMigrationAborted:    current[VMMigrationAborted](),
+	TypeHostAgentStarted:      current[HostAgentStarted](),
 }
 
 // Types lists every registered event type with its newest version.

@@ -38,6 +38,9 @@ const (
 	AbsentDeleted  = "deleted"
 	AbsentMigrated = "migrated"
 	AbsentHostLost = "host-lost"
+	// AbsentMigrationFailed is the goal on the target of a migration that
+	// did not happen: whatever arrived there goes.
+	AbsentMigrationFailed = "migration-failed"
 )
 
 // VMCreated records a new VM (a new incarnation of a name) and its spec.
@@ -158,6 +161,10 @@ type VMState struct {
 	Step *GoalStep `msgpack:"step,omitempty" json:"step,omitempty"`
 	// Schedule is the VM's checkpoint schedule, if any.
 	Schedule *CheckpointSchedule `msgpack:"schedule,omitempty" json:"schedule,omitempty"`
+	// Migration is the migration under way, if any; LastMigration how the
+	// last one ended.
+	Migration     *Migration     `msgpack:"migration,omitempty" json:"migration,omitempty"`
+	LastMigration *LastMigration `msgpack:"last_migration,omitempty" json:"last_migration,omitempty"`
 }
 
 // Observation is what a host agent last reported of a VM.
@@ -235,6 +242,10 @@ func (s *VMState) Apply(rec *Record) error {
 		s.applyCheckpointDecision(rec)
 	case VMCheckpointTaken, VMRestored, VMCheckpointFailed, VMCheckpointRemoved:
 		return s.applyCheckpointReport(rec)
+	case VMMigrationStarted, VMMigrationCancelling, VMMigrationFailed, VMMigrated:
+		return s.applyMigrationDecision(rec)
+	case VMMigrationReceived, VMMigrationSent, VMMigrationAborted:
+		return s.applyMigrationReport(rec)
 	case VMProgress:
 		// Progress is for people watching; it changes no state.
 	default:

@@ -142,6 +142,8 @@ func (h *history) act() {
 		h.lease()
 	case n < 92:
 		h.checkpoint()
+	case n < 94:
+		h.migrate()
 	default:
 		h.report()
 	}

@@ -433,6 +433,10 @@ func newEvent(t testing.TB, typ events.Type) events.Event {
 		events.TypeVMCheckpointDeleted: &events.VMCheckpointDeleted{}, events.TypeVMCheckpointScheduled: &events.VMCheckpointScheduled{},
 		events.TypeVMCheckpointTaken: &events.VMCheckpointTaken{}, events.TypeVMRestored: &events.VMRestored{},
 		events.TypeVMCheckpointFailed: &events.VMCheckpointFailed{}, events.TypeVMCheckpointRemoved: &events.VMCheckpointRemoved{},
+		events.TypeVMMigrationStarted: &events.VMMigrationStarted{}, events.TypeVMMigrated: &events.VMMigrated{},
+		events.TypeVMMigrationFailed: &events.VMMigrationFailed{}, events.TypeVMMigrationCancelling: &events.VMMigrationCancelling{},
+		events.TypeVMMigrationReceived: &events.VMMigrationReceived{}, events.TypeVMMigrationSent: &events.VMMigrationSent{},
+		events.TypeVMMigrationAborted: &events.VMMigrationAborted{}, events.TypeHostAgentStarted: &events.HostAgentStarted{},
 	}
 	if len(known) != len(events.Types()) {
 		t.Fatalf("newEvent knows %d event types, events has %d: add the new ones", len(known), len(events.Types()))

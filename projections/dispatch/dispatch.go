@@ -252,7 +252,19 @@ func (d *Dispatcher) dispatch(ctx context.Context, s *events.VMState) error {
 			goal.Spec.Disk = &events.ImageDisk{Source: img.Source, Format: img.Format, Boot: img.Boot}
 		}
 	}
-	if left, ok := leftGoal(s); ok && !s.LeftGone {
+	if in, ok := events.IncomingGoalOf(s); ok {
+		in.Spec = goal.Spec
+		if err := d.publish(ctx, in); err != nil {
+			return err
+		}
+	}
+	migratingTo := ""
+	if s.Migration != nil {
+		migratingTo = s.Migration.To // its goal there expects the VM now
+	}
+	if left, ok := leftGoal(s); ok && s.Left == migratingTo {
+		// The VM comes back to the host it left: the incoming goal stands there.
+	} else if ok && !s.LeftGone {
 		if err := d.publish(ctx, left); err != nil {
 			return err
 		}
@@ -266,13 +278,14 @@ func (d *Dispatcher) dispatch(ctx context.Context, s *events.VMState) error {
 
 // leftGoal is the goal of a VM on the host it was moved off: absent, so
 // that the host, if it ever comes back, destroys the domain rather than
-// resuming it.
+// resuming it, keeping only the files of the VM's checkpoints there.
 func leftGoal(s *events.VMState) (events.Goal, bool) {
 	if s.Left == "" || s.Left == s.Host || s.Phase != events.PhasePlaced {
 		return events.Goal{}, false
 	}
 	return events.Goal{VM: s.Name, UID: s.UID, Host: s.Left, Desired: events.DesiredAbsent, AbsentReason: s.LeftReason,
-		Incarnation: s.Incarnation, Spec: events.DomainSpec{Image: s.Image, CPU: s.CPU, MemoryMiB: s.MemoryMiB}}, true
+		Incarnation: s.Incarnation, Spec: events.DomainSpec{Image: s.Image, CPU: s.CPU, MemoryMiB: s.MemoryMiB},
+		Keep: s.CheckpointsOn(s.Left)}, true
 }
 
 // publish puts goal on its subject unless a goal of the same or a higher
