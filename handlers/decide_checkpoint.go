@@ -118,6 +118,8 @@ func liveForStep(vm events.VMState, name string) *events.Fault {
 		return events.Errorf(events.CodeVMNotFound, "no vm %s", name)
 	case vm.Phase != events.PhasePlaced:
 		return events.Errorf(events.CodeVMNotPlaced, "vm %s is not placed on a host yet", name)
+	case vm.Migration != nil:
+		return migratingFault(vm, name)
 	case vm.Step != nil:
 		return events.Errorf(events.CodeVMBusy, "vm %s: checkpoint %s is being %s by host %s; wait until it reports",
 			name, vm.Step.Checkpoint, stepVerb(vm.Step.Op), vm.Host)

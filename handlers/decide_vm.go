@@ -82,6 +82,8 @@ func decideGoal(vm events.VMState, name, verb string) (events.Event, *events.Fau
 		return nil, events.Errorf(events.CodeVMDeleting, "vm %s is being deleted", name)
 	case !vm.Exists():
 		return nil, events.Errorf(events.CodeVMNotFound, "no vm %s", name)
+	case vm.Migration != nil:
+		return nil, migratingFault(vm, name)
 	}
 	var want events.Desired
 	switch verb {
@@ -116,6 +118,14 @@ func decideDelete(vm events.VMState, name string) (events.Event, *events.Fault) 
 		return nil, nil
 	case !vm.Exists():
 		return nil, events.Errorf(events.CodeVMNotFound, "no vm %s", name)
+	case vm.Migration != nil:
+		return nil, migratingFault(vm, name)
 	}
 	return events.VMDeleted{UID: vm.UID, Reason: events.AbsentDeleted}, nil
+}
+
+// migratingFault refuses a command on a VM that is moving.
+func migratingFault(vm events.VMState, name string) *events.Fault {
+	m := vm.Migration
+	return events.Errorf(events.CodeVMMigrating, "vm %s is moving from %s to %s (migration %s); wait for it to end, or cancel it", name, m.From, m.To, m.ID)
 }

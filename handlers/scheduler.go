@@ -38,6 +38,13 @@ func (s *Service) Nudge() {
 func (s *Service) RunScheduler(ctx context.Context) error {
 	ticker := time.NewTicker(s.cfg.ReconcileInterval)
 	defer ticker.Stop()
+	watching := make(chan error, 1)
+	go func() { watching <- s.watchMigrations(ctx) }()
+	defer func() {
+		if err := <-watching; err != nil {
+			s.log.Warn("migration reports were not watched; the scheduler's passes moved migrations on", keyErr, err)
+		}
+	}()
 	var lastLogged time.Time
 	for {
 		// A pass waits for the read model; bound it, so a stuck read model
@@ -96,6 +103,7 @@ func (s *Service) ReconcileOnce(ctx context.Context) error {
 	errs = append(errs, s.evacuate(ctx, hosts, vms, grants))
 	errs = append(errs, s.completeBreaks(ctx, hosts, vms, grants))
 	errs = append(errs, s.scheduleCheckpoints(ctx, vms))
+	errs = append(errs, s.advanceMigrations(ctx, vms))
 	return errors.Join(errs...)
 }
 
@@ -268,7 +276,7 @@ func orphanReason(host string, a events.Allocation, vm events.VMState, known boo
 		return ReleaseOrphaned
 	case vm.Phase == events.PhaseDeleting || vm.Phase == events.PhaseGone:
 		return ReleaseDeleted
-	case vm.Phase == events.PhasePlaced && vm.Host != host:
+	case vm.Phase == events.PhasePlaced && vm.Host != host && (vm.Migration == nil || vm.Migration.To != host):
 		return ReleaseOrphaned
 	}
 	return ""

@@ -265,6 +265,7 @@ func (s *Service) AddEndpoints(svc micro.Service) error {
 		{events.KindVM, events.VerbRestore, s.serveRestore},
 		{events.KindVM, events.VerbDeleteCheckpoint, s.serveDeleteCheckpoint},
 		{events.KindVM, events.VerbSchedule, s.serveSchedule},
+		{events.KindVM, events.VerbMigrate, s.serveMigrate},
 		{events.KindLease, events.VerbAcquire, s.serveAcquire},
 		{events.KindLease, events.VerbRelease, s.serveRelease},
 		{events.KindLease, events.VerbBreak, s.serveBreak},
