@@ -100,6 +100,13 @@ type Config struct {
 	// overlay on the VM's image each, and its serial console's log. Empty
 	// (simulated hosts) keeps none.
 	StorageDir string
+	// MigrateURI, if set, is this host's libvirtd as other hosts' daemons
+	// dial it for a live migration (qemu+tls://node-7/system); without it
+	// the host receives no migration. MigrateListen is where this host's
+	// QEMU listens for a migration's memory and disk: "unix:DIR" or
+	// "tcp:ADDRESS" (empty: libvirt's default, TCP to the host's name).
+	MigrateURI    string
+	MigrateListen string
 	// AliveMarker, if set, is what a guest prints on its serial console
 	// once it is up: the agent reports progress until it shows, for at
 	// most BootTimeout (zero means DefaultBootTimeout).
@@ -221,6 +228,9 @@ type Agent struct {
 	// snapshotDone is true once every goal standing at start was read.
 	snapshotDone bool
 	// orphans are the orphan domains reported and not cleared, by name;
+	// agentReported says this process reported itself on the host's
+	// subject (host.agent_started).
+	agentReported bool
 	// hostHead is where the host's observation subject stands.
 	orphans  map[string]events.HostOrphanFound
 	hostHead events.Head
@@ -256,6 +266,11 @@ type vmRecord struct {
 	// step and drop list this process last reported on: they are not done
 	// again.
 	stepReported, dropReported uint64
+	// migrationReported is the migration this process (or, after a
+	// restart, the last report) said the end of; cancelMigration cancels
+	// the one under way here.
+	migrationReported string
+	cancelMigration   context.CancelFunc
 }
 
 // New makes an Agent from cfg. It starts nothing: call Run.

@@ -107,6 +107,7 @@ func (a *Agent) serveConnection(ctx context.Context, hv Hypervisor) (lost bool, 
 	if err != nil {
 		return false, fmt.Errorf("subscribe to libvirt events: %w", err)
 	}
+	a.ensurePool(ctx, hv)
 	a.setHypervisor(hv, false)
 	a.log.Info("libvirtd connected")
 	a.enqueueAll()
@@ -295,4 +296,21 @@ func (a *Agent) domainSpecOn(goal events.Goal, uuid [16]byte, disk string) libvi
 		spec.Kernel, spec.Initrd, spec.Cmdline = b.Kernel, b.Initrd, b.Cmdline
 	}
 	return spec
+}
+
+// storagePool is the name of the storage pool on a host's StorageDir.
+const storagePool = "loom"
+
+// ensurePool makes the host's StorageDir a storage pool on a host that
+// receives migrations: the target's libvirtd creates an incoming VM's disk
+// only inside one. A failure is logged: the host still runs its VMs, and a
+// migration to it fails with libvirt's own message.
+func (a *Agent) ensurePool(ctx context.Context, hv Hypervisor) {
+	mig, ok := hv.(Migrator)
+	if !ok || a.cfg.StorageDir == "" || a.cfg.MigrateURI == "" {
+		return
+	}
+	if err := mig.EnsureDirPool(ctx, storagePool, a.cfg.StorageDir); err != nil {
+		a.log.Warn("storage pool for incoming migrations", "dir", a.cfg.StorageDir, logErr, err)
+	}
 }

@@ -30,6 +30,7 @@ func (a *Agent) loadObservations(ctx context.Context) error {
 		v := a.vmLocked(name)
 		v.head = events.Head{Seq: m.Seq, Hash: events.Hash(m.Data)}
 		v.reported = reportOf(m)
+		v.migrationReported = migrationOf(m)
 		if v.reported.State == "" {
 			a.log.Warn("last report unknown; the next one will be published", logSubject, m.Subject, logSeq, m.Seq)
 		}
@@ -57,8 +58,32 @@ func reportOf(m bus.Message) events.VMObserved {
 		return events.VMObserved{UID: ev.UID, Incarnation: ev.Incarnation}
 	case events.VMCheckpointFailed:
 		return events.VMObserved{UID: ev.UID, Incarnation: ev.Incarnation}
+	case events.VMMigrationSent:
+		return events.VMObserved{UID: ev.UID, Incarnation: ev.Incarnation}
+	case events.VMMigrationAborted:
+		return events.VMObserved{UID: ev.UID, Incarnation: ev.Incarnation}
+	case events.VMMigrationReceived:
+		return events.VMObserved{UID: ev.UID, Incarnation: ev.Incarnation}
 	}
 	return events.VMObserved{}
+}
+
+// migrationOf is the migration a stored report on a VM subject ended, if
+// it is such a report.
+func migrationOf(m bus.Message) string {
+	rec, err := events.DecodeRecord(m.Seq, m.Subject, m.Time, m.Data)
+	if err != nil {
+		return ""
+	}
+	switch ev := rec.Event.(type) {
+	case events.VMMigrationSent:
+		return ev.Migration
+	case events.VMMigrationAborted:
+		return ev.Migration
+	case events.VMMigrationReceived:
+		return ev.Migration
+	}
+	return ""
 }
 
 // followGoals follows the host's goal subjects until ctx ends: first the
@@ -143,6 +168,7 @@ func (a *Agent) onGoal(subject, incarnationHeader string, data []byte) {
 	if !stale {
 		v.goal, v.hasGoal = goal, true
 		v.failures, v.holdUntil, v.drifts = 0, time.Time{}, 0
+		a.cancelMigratingLocked(v, goal)
 	}
 	_, orphan := a.orphans[goal.VM]
 	a.mu.Unlock()

@@ -83,6 +83,9 @@ func (a *Agent) scanOrphansOnce(ctx context.Context) error {
 	if !ready || hv == nil {
 		return nil // completing the snapshot or connecting queues a scan
 	}
+	if err := a.reportAgentStarted(ctx); err != nil {
+		return err
+	}
 	doms, err := hv.List(ctx)
 	if err != nil {
 		return fmt.Errorf("list domains: %w", err)
@@ -168,5 +171,25 @@ func (a *Agent) reportHost(ctx context.Context, ev events.Event) error {
 	a.hostHead = next
 	a.mu.Unlock()
 	a.metrics.observations.WithLabelValues(string(ev.EventType())).Inc()
+	return nil
+}
+
+// reportAgentStarted says, once per process, what the control plane needs
+// to know of this host's agent: where it keeps disks and how other hosts
+// migrate VMs to it.
+func (a *Agent) reportAgentStarted(ctx context.Context) error {
+	a.mu.Lock()
+	done := a.agentReported
+	a.mu.Unlock()
+	if done {
+		return nil
+	}
+	ev := events.HostAgentStarted{Agent: a.id, StorageDir: a.cfg.StorageDir, MigrateURI: a.cfg.MigrateURI, MigrateListen: a.cfg.MigrateListen}
+	if err := a.reportHost(ctx, ev); err != nil {
+		return err
+	}
+	a.mu.Lock()
+	a.agentReported = true
+	a.mu.Unlock()
 	return nil
 }

@@ -167,6 +167,22 @@ func (a *Agent) reconcileGoal(ctx context.Context, name string, v vmRecord) (con
 		return true, a.observe(ctx, name, failed(goal, events.Errorf(events.CodeDomainMismatch,
 			"domain %s has UUID %s, not the VM's %s; the agent leaves it alone", name, formatUUID(dom.UUID), goal.UID)))
 	}
+	switch {
+	case goal.Migrate != nil && v.migrationReported == goal.Migrate.Migration,
+		goal.Incoming != nil && v.migrationReported == goal.Incoming.Migration:
+		return true, nil // reported: the control plane moves the goal on
+	case goal.Migrate != nil:
+		a.markActed(name)
+		if err := a.sendVM(ctx, hv, goal, found); err != nil {
+			return true, a.fail(ctx, name, goal, err)
+		}
+		return true, nil
+	case goal.Incoming != nil:
+		if err := a.receiveVM(ctx, hv, goal, dom, found); err != nil {
+			return true, a.fail(ctx, name, goal, err)
+		}
+		return true, nil
+	}
 	seen := observedState(dom, found)
 	if v.leaseChanged && found && (dom.State == libvirt.StateRunning || dom.State == libvirt.StatePaused) {
 		if fault := a.leaseStillHeld(ctx, goal); fault != nil {
@@ -228,6 +244,13 @@ func (a *Agent) reconcileGoal(ctx context.Context, name string, v vmRecord) (con
 			return true, a.fail(ctx, name, goal, err)
 		}
 	}
+	if goal.Desired == events.DesiredAbsent && !found {
+		// Gone, by this agent or before it (a host the VM left): so go
+		// its files, but for the checkpoints this host keeps.
+		if err := a.unprovision(goal); err != nil {
+			return true, a.fail(ctx, name, goal, err)
+		}
+	}
 	if err := a.observe(ctx, name, events.VMObserved{UID: goal.UID, Incarnation: goal.Incarnation, State: seen, Leases: goal.Leases}); err != nil {
 		return true, err
 	}
@@ -279,9 +302,7 @@ func (a *Agent) execute(ctx context.Context, hv Hypervisor, goal events.Goal, uu
 		case stepDestroy:
 			err = hv.Destroy(ctx, goal.VM)
 		case stepUndefine:
-			if err = hv.Undefine(ctx, goal.VM); err == nil && goal.Desired == events.DesiredAbsent {
-				err = a.unprovision(goal)
-			}
+			err = hv.Undefine(ctx, goal.VM) // its files go once it is reported absent
 		case stepShutdown:
 			if err := a.stop(ctx, hv, goal); err != nil {
 				return err

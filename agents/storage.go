@@ -74,8 +74,9 @@ func (a *Agent) provision(ctx context.Context, goal events.Goal) error {
 }
 
 // unprovision removes every file of goal's VM on this host (its layers,
-// checkpoint memory, top file and serial log), once its domain is
-// undefined for good.
+// checkpoint memory, top file and serial log) but those of the checkpoints
+// goal.Keep names (a host the VM moved off keeps them for its catalog):
+// each one's memory, its disk layer and the layers under it.
 func (a *Agent) unprovision(goal events.Goal) error {
 	if a.cfg.StorageDir == "" {
 		return nil
@@ -84,8 +85,23 @@ func (a *Agent) unprovision(goal events.Goal) error {
 	if err != nil {
 		return err
 	}
+	keep := map[string]bool{}
+	for _, k := range goal.Keep {
+		if k.Memory != "" {
+			keep[k.Memory] = true
+		}
+		for layer := k.Disk; a.ownFile(goal, layer) && !keep[layer]; {
+			keep[layer] = true
+			if layer, err = backingOf(layer); err != nil {
+				break // what is left of the chain stays as it is
+			}
+		}
+	}
 	var errs []error
 	for _, f := range files {
+		if keep[f] {
+			continue
+		}
 		if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}

@@ -48,8 +48,12 @@ type host struct {
 	socket string
 	virt   *lv.Client
 	agent  *part
-	// storage keeps the host's VM disks (QEMU hosts only).
-	storage string
+	// storage keeps the host's VM disks, and sockets is where its QEMU
+	// listens for incoming migrations (QEMU hosts only).
+	storage, sockets string
+	// migrateListen overrides where the agent says its QEMU listens, to
+	// make migrations to the host fail.
+	migrateListen string
 }
 
 // part is something the harness runs and can stop and start again.
@@ -159,7 +163,7 @@ func startFleet(t *testing.T, qemu bool, daemonIndexes ...int) *fleet {
 		t.Cleanup(func() { virt.Close() })
 		h := &host{name: name, socket: socket, virt: virt}
 		if qemu {
-			h.storage = libvirttest.VMDir(t)
+			h.storage, h.sockets = libvirttest.VMDir(t), libvirttest.SocketDir(t)
 		}
 		f.hosts[name] = h
 		f.startAgent(name)
@@ -201,6 +205,10 @@ func (f *fleet) startAgent(name string) {
 	cfg := plane.AgentConfig{Host: name, Socket: h.socket, URI: f.uri(), TTL: agentTTL(), StopGrace: time.Second}
 	if f.qemu {
 		cfg.StorageDir, cfg.AliveMarker = h.storage, "loom-heartbeat"
+		cfg.MigrateURI, cfg.MigrateListen = "qemu+unix:///system?socket="+h.socket, "unix:"+h.sockets
+		if h.migrateListen != "" {
+			cfg.MigrateListen = h.migrateListen
+		}
 	}
 	h.agent = run(func(ctx context.Context) error {
 		return plane.RunAgent(ctx, f.conn, cfg, f.log.With("agent", name))
@@ -269,6 +277,8 @@ func setCommandID(body any, id string) {
 	case *events.DeleteCheckpoint:
 		c.CommandID = or(c.CommandID, id)
 	case *events.ScheduleCheckpoints:
+		c.CommandID = or(c.CommandID, id)
+	case *events.MigrateVM:
 		c.CommandID = or(c.CommandID, id)
 	}
 }

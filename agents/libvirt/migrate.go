@@ -35,6 +35,10 @@ type Migration struct {
 	// only do inside an active storage pool (see EnsureDirPool); an
 	// existing file is overwritten and must have vda's virtual size.
 	DestDisk string
+	// DestSerial, if set, is the file the domain's serial port (and
+	// console) writes to on the target, instead of the path it writes to
+	// here, which need not exist there.
+	DestSerial string
 	// Bandwidth caps the memory and disk streams, in MiB/s; 0 leaves them
 	// uncapped.
 	Bandwidth uint64
@@ -116,6 +120,14 @@ func (c *Client) migrate(ctx context.Context, domain string, m Migration) error 
 	persistXML, err := withDiskFile(inactiveXML, snapshotDisk, m.DestDisk)
 	if err != nil {
 		return fmt.Errorf("persistent definition: %w", err)
+	}
+	if m.DestSerial != "" {
+		if destXML, err = withSerialFile(destXML, m.DestSerial); err != nil {
+			return fmt.Errorf("live definition: %w", err)
+		}
+		if persistXML, err = withSerialFile(persistXML, m.DestSerial); err != nil {
+			return fmt.Errorf("persistent definition: %w", err)
+		}
 	}
 	return c.perform(ctx, dom, m.DestURI, migrateParams(m, destXML, persistXML))
 }
@@ -210,8 +222,11 @@ func (m Migration) validate() error {
 	if !filepath.IsAbs(m.DestDisk) {
 		return fmt.Errorf("%w: destination disk %q is not an absolute path", ErrInvalidMigration, m.DestDisk)
 	}
+	if m.DestSerial != "" && !filepath.IsAbs(m.DestSerial) {
+		return fmt.Errorf("%w: destination serial log %q is not an absolute path", ErrInvalidMigration, m.DestSerial)
+	}
 	for what, text := range map[string]string{"destination uri": m.DestURI, "data uri": m.DataURI,
-		"disks uri": m.DisksURI, "destination disk": m.DestDisk} {
+		"disks uri": m.DisksURI, "destination disk": m.DestDisk, "destination serial log": m.DestSerial} {
 		if err := checkText(ErrInvalidMigration, what, text); err != nil {
 			return err
 		}

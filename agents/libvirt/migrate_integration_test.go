@@ -9,11 +9,9 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"os/user"
 	"path/filepath"
 	"regexp"
 	"slices"
-	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -39,7 +37,7 @@ func TestQEMU_LiveMigration(t *testing.T) {
 
 	const name = "mig"
 	srcDir, dstDir, backDir := libvirttest.VMDir(t), libvirttest.VMDir(t), libvirttest.VMDir(t)
-	sockets := qemuOwnedDir(t) // the target QEMU creates its listening sockets here
+	sockets := libvirttest.SocketDir(t) // the target QEMU creates its listening sockets here
 	overlay := filepath.Join(srcDir, "disk.qcow2")
 	qemuImgOverlay(t, filepath.Join(guest, "base.qcow2"), overlay)
 	serial := filepath.Join(srcDir, "serial")
@@ -251,23 +249,6 @@ func warmCapabilities(t *testing.T, socket string) {
 	if out, err := exec.Command("virsh", "-q", "-c", "qemu+unix:///system?socket="+socket, "capabilities").CombinedOutput(); err != nil {
 		t.Fatalf("virsh capabilities: %v\n%s", err, out)
 	}
-}
-
-// qemuOwnedDir makes a directory QEMU (user libvirt-qemu) can create
-// sockets in, removed in t.Cleanup.
-func qemuOwnedDir(t *testing.T) string {
-	t.Helper()
-	dir := libvirttest.VMDir(t)
-	qemu, err := user.Lookup("libvirt-qemu")
-	if err != nil {
-		t.Fatal(err)
-	}
-	uid, _ := strconv.Atoi(qemu.Uid)
-	gid, _ := strconv.Atoi(qemu.Gid)
-	if err := os.Chown(dir, uid, gid); err != nil {
-		t.Fatal(err)
-	}
-	return dir
 }
 
 // migrateWatched runs Migrate while another goroutine samples its

@@ -97,6 +97,7 @@ func newVMCommand(flags *clientFlags) *cobra.Command {
 		lifecycle(events.VerbDelete, "Delete a VM: destroy and undefine its domain"),
 		list, get)
 	cmd.AddCommand(newCheckpointCommands(flags)...)
+	cmd.AddCommand(newMigrateCommand(flags))
 	return cmd
 }
 
@@ -116,6 +117,14 @@ func printVM(w io.Writer, output string, vm *events.VMView) error {
 	for _, l := range vm.Leases {
 		leases = append(leases, fmt.Sprintf("%s %s@%d", l.Resource, l.Mode, l.Epoch))
 	}
+	migration := "-"
+	if m := vm.Migration; m != nil {
+		migration = fmt.Sprintf("%s: %s -> %s, under way", m.ID, m.From, m.To)
+	} else if m := vm.LastMigration; m != nil && m.Moved {
+		migration = fmt.Sprintf("%s: %s -> %s in %s, downtime %s", m.ID, m.From, m.To, time.Duration(m.TotalMillis)*time.Millisecond, time.Duration(m.DowntimeMillis)*time.Millisecond)
+	} else if m != nil {
+		migration = fmt.Sprintf("%s: %s -> %s %s", m.ID, m.From, m.To, m.Reason)
+	}
 	step := "-"
 	if vm.Step != nil {
 		step = fmt.Sprintf("%s checkpoint %s (%s), not yet reported", vm.Step.Op, vm.Step.Checkpoint, vm.Step.Kind)
@@ -131,7 +140,7 @@ func printVM(w io.Writer, output string, vm *events.VMView) error {
 		{"leases", orDash(strings.Join(leases, ", "))}, {"moved", moved}, {"on host lost", orDash(string(vm.OnHostLost))},
 		{"observed", orDash(string(vm.Observed.State))}, {"observed incarnation", strconv.FormatUint(vm.Observed.Incarnation, 10)},
 		{"observed at", ago(vm.Observed.Time)}, {"fault", fault}, {"converged", strconv.FormatBool(vm.Converged)},
-		{"checkpoints", strconv.Itoa(len(vm.Checkpoints))}, {"step", step},
+		{"checkpoints", strconv.Itoa(len(vm.Checkpoints))}, {"step", step}, {"migration", migration},
 	})
 }
 

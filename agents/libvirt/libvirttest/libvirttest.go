@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -131,5 +132,23 @@ func VMDir(t testing.TB) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	return dir
+}
+
+// SocketDir makes a directory QEMU (user libvirt-qemu) can create sockets
+// in, such as a migration's incoming memory and disk streams; it is
+// removed in t.Cleanup.
+func SocketDir(t testing.TB) string {
+	t.Helper()
+	dir := VMDir(t)
+	qemu, err := user.Lookup("libvirt-qemu")
+	if err != nil {
+		t.Fatal(err)
+	}
+	uid, _ := strconv.Atoi(qemu.Uid)
+	gid, _ := strconv.Atoi(qemu.Gid)
+	if err := os.Chown(dir, uid, gid); err != nil {
+		t.Fatal(err)
+	}
 	return dir
 }

@@ -43,6 +43,11 @@ type AgentConfig struct {
 	// StorageDir keeps the host's VM disks (overlays on their images) and
 	// serial logs; AliveMarker is what a guest prints once it is up.
 	StorageDir, AliveMarker string
+	// MigrateURI is this host's libvirtd as other hosts' daemons dial it,
+	// MigrateListen where its QEMU listens for incoming migrations
+	// ("unix:DIR" or "tcp:ADDRESS"); without MigrateURI the host receives
+	// no migration.
+	MigrateURI, MigrateListen string
 }
 
 // RunAgent runs a host agent until ctx ends. It dials libvirtd again
@@ -76,6 +81,7 @@ func RunAgent(ctx context.Context, conn *Connection, cfg AgentConfig, log *slog.
 		FenceSocket: cfg.FenceSocket, FencePolicy: cfg.FencePolicy,
 		ClockRate: cfg.ClockRate, Unsafe: cfg.Unsafe,
 		StorageDir: cfg.StorageDir, AliveMarker: cfg.AliveMarker,
+		MigrateURI: cfg.MigrateURI, MigrateListen: cfg.MigrateListen,
 		Now:    func() time.Time { return time.Now().Add(cfg.ClockOffset) },
 		Logger: log,
 	})

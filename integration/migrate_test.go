@@ -1,0 +1,158 @@
+//go:build integration
+
+package integration
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/bus"
+)
+
+// waitMigrationEnded waits until vm's migration is over and returns vm.
+func waitMigrationEnded(t *testing.T, f *fleet, vm string, reply *events.Reply) events.VMView {
+	t.Helper()
+	var view events.VMView
+	waitFor(t, 120*time.Second, vm+" migration ended", func() error {
+		var err error
+		if view, err = f.vm(vm, reply.LastSeq()); err != nil {
+			return err
+		}
+		if view.Migration != nil || view.LastMigration == nil || !view.Converged {
+			return fmt.Errorf("%s: migration %+v, last %+v, %s@%d on %s", vm, view.Migration, view.LastMigration, view.Observed.State, view.Observed.Incarnation, view.Host)
+		}
+		return nil
+	})
+	return view
+}
+
+// A VM booted through Loom on real QEMU moves between two hosts while its
+// heartbeat keeps counting: a migration whose target cannot listen fails
+// and leaves it running on its source under the same grants; then it moves,
+// its grants are handed to the target in the append that records the
+// move, its disk on the source goes (it had no checkpoint there), and its
+// history tells the story in order.
+func TestMigrate_QEMULiveMigration(t *testing.T) {
+	f := newQEMUFleet(t, 34, 35)
+	reply := f.mustCommand(events.KindVM, events.VerbCreate, &events.CreateVM{Name: "web", Image: "tiny", CPU: 1, MemoryMiB: 128})
+	vm := f.converged("web", reply.LastSeq())
+	source := vm.Host
+	target := map[string]string{"host-1": "host-2", "host-2": "host-1"}[source]
+	serial := filepath.Join(f.hosts[source].storage, "web-"+vm.UID+".serial")
+	waitFor(t, 90*time.Second, "the guest's heartbeat", func() error {
+		if n := len(heartbeats(t, serial)); n < 3 {
+			return fmt.Errorf("%d heartbeats", n)
+		}
+		return nil
+	})
+
+	// The target's QEMU cannot listen where its agent says: the migration
+	// fails, and the VM runs on where it was.
+	f.hosts[target].agent.stop(t)
+	f.hosts[target].migrateListen = "unix:/nonexistent-loom-dir"
+	f.startAgent(target)
+	waitFor(t, 30*time.Second, target+"'s agent reported itself", func() error {
+		h, err := f.host(target)
+		if err != nil || h.Agent == nil || h.Agent.MigrateListen != "unix:/nonexistent-loom-dir" {
+			return fmt.Errorf("agent %+v (%v)", h.Agent, err)
+		}
+		return nil
+	})
+	reply = f.mustCommand(events.KindVM, events.VerbMigrate, &events.MigrateVM{Name: "web", To: target})
+	failed := waitMigrationEnded(t, f, "web", reply)
+	if l := failed.LastMigration; l.Moved || failed.Host != source || l.Fault == nil || !slices.Equal(failed.Leases, vm.Leases) {
+		t.Fatalf("a failed migration: host %s, last %+v, leases %v (were %v)", failed.Host, l, failed.Leases, vm.Leases)
+	}
+	t.Logf("failed migration, as it should: %s", failed.LastMigration.Fault.Error())
+	if got := f.domainState(source, "web"); got != "running" {
+		t.Fatalf("after a failed migration QEMU on %s says web is %s", source, got)
+	}
+
+	f.hosts[target].agent.stop(t)
+	f.hosts[target].migrateListen = ""
+	f.startAgent(target)
+	waitFor(t, 30*time.Second, target+"'s agent reported itself", func() error {
+		h, err := f.host(target)
+		if err != nil || h.Agent == nil || h.Agent.MigrateListen != "unix:"+f.hosts[target].sockets {
+			return fmt.Errorf("agent %+v (%v)", h.Agent, err)
+		}
+		return nil
+	})
+	before := slices.Max(heartbeats(t, serial))
+	started := time.Now()
+	reply = f.mustCommand(events.KindVM, events.VerbMigrate, &events.MigrateVM{Name: "web", To: target})
+	moved := waitMigrationEnded(t, f, "web", reply)
+	l := moved.LastMigration
+	t.Logf("migrated %s -> %s through Loom in %s; libvirt: total %d ms, downtime %d ms", l.From, l.To, time.Since(started).Round(time.Millisecond), l.TotalMillis, l.DowntimeMillis)
+	if !l.Moved || moved.Host != target || moved.Observed.State != events.ObservedRunning {
+		t.Fatalf("after the migration: host %s, %s, last %+v", moved.Host, moved.Observed.State, l)
+	}
+	if got := f.domainState(target, "web"); got != "running" {
+		t.Fatalf("QEMU on %s says web is %s", target, got)
+	}
+	if got := f.domainState(source, "web"); got != "absent" {
+		t.Fatalf("QEMU on %s still has web: %s", source, got)
+	}
+	// The guest goes on counting on the target, in its own serial log there.
+	targetSerial := filepath.Join(f.hosts[target].storage, "web-"+vm.UID+".serial")
+	waitFor(t, 30*time.Second, "the heartbeat to go on after the move", func() error {
+		beats := heartbeats(t, targetSerial)
+		if len(beats) < 3 {
+			return fmt.Errorf("%d heartbeats on %s", len(beats), target)
+		}
+		if beats[0] < before || beats[0] > before+20 {
+			return fmt.Errorf("the guest printed %d first on %s, %d last on %s: it restarted or lost time", beats[0], target, before, source)
+		}
+		for i := 1; i < len(beats); i++ {
+			if beats[i] != beats[i-1]+1 {
+				return fmt.Errorf("the counter went %d -> %d", beats[i-1], beats[i])
+			}
+		}
+		return nil
+	})
+	for _, l := range moved.Leases {
+		if l.Epoch <= vm.Incarnation {
+			t.Errorf("lease %+v was not granted again for the target", l)
+		}
+	}
+	checkExclusiveHistory(t, f, "disk/web", 2)
+	waitFor(t, 30*time.Second, "the source's files removed", func() error {
+		left, err := filepath.Glob(filepath.Join(f.hosts[source].storage, "web-"+vm.UID+".*"))
+		if err != nil {
+			return err
+		}
+		if len(left) > 0 {
+			return fmt.Errorf("left on %s: %v", source, left)
+		}
+		return nil
+	})
+	if _, err := os.Stat(filepath.Join(f.hosts[target].storage, "web-"+vm.UID+"."+l.ID+".qcow2")); err != nil {
+		t.Fatalf("the disk on %s: %v", target, err)
+	}
+
+	var story []events.Type
+	for seq := uint64(1); ; {
+		m, err := bus.NextOnSubject(context.Background(), f.conn.Conn, events.StreamEvents, "loom.*.>", seq)
+		if err != nil {
+			break
+		}
+		seq = m.Seq + 1
+		typ := events.Type(m.Header.Get(events.HeaderType))
+		switch typ {
+		case events.TypeVMMigrationStarted, events.TypeVMMigrationAborted, events.TypeVMMigrationFailed,
+			events.TypeVMMigrationReceived, events.TypeVMMigrationSent, events.TypeVMMigrated:
+			story = append(story, typ)
+		}
+	}
+	want := []events.Type{events.TypeVMMigrationStarted, events.TypeVMMigrationAborted, events.TypeVMMigrationFailed,
+		events.TypeVMMigrationStarted, events.TypeVMMigrationReceived, events.TypeVMMigrationSent, events.TypeVMMigrated}
+	if !slices.Equal(story, want) {
+		t.Fatalf("the migrations of web:\n got %v\nwant %v", story, want)
+	}
+}
