@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
+	"strconv"
 
 	"github.com/loomctl/loom/cmd/loom/plane"
 	"github.com/loomctl/loom/events"
@@ -69,6 +71,34 @@ func (k hostKind) agentConfig(name, socket, fence string) (plane.AgentConfig, er
 		if err := os.Chmod(filepath.Dir(cfg.StorageDir), 0o755); err != nil {
 			return cfg, err
 		}
+		// Every host's daemon sees the others' sockets: migrations between
+		// them go over unix sockets in a directory QEMU may write.
+		sockets := cfg.StorageDir + ".sockets"
+		if err := qemuOwnedDir(sockets); err != nil {
+			return cfg, err
+		}
+		cfg.MigrateURI, cfg.MigrateListen = "qemu+unix:///system?socket="+socket, "unix:"+sockets
 	}
 	return cfg, nil
+}
+
+// qemuOwnedDir makes dir, owned by the user QEMU runs as, so that it can
+// create its listening sockets there.
+func qemuOwnedDir(dir string) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	qemu, err := user.Lookup("libvirt-qemu")
+	if err != nil {
+		return err
+	}
+	uid, err := strconv.Atoi(qemu.Uid)
+	if err != nil {
+		return err
+	}
+	gid, err := strconv.Atoi(qemu.Gid)
+	if err != nil {
+		return err
+	}
+	return os.Chown(dir, uid, gid)
 }
