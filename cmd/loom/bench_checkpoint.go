@@ -1,13 +1,11 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"time"
@@ -17,28 +15,15 @@ import (
 	"github.com/loomctl/loom/events"
 )
 
-// What the checkpoint bench runs: two tiny guests (ops/qemu/guest.sh)
-// under QEMU on one private libvirtd, one defined and started through
-// agents/libvirt alone, the other a Loom VM with its host's agent.
+// What the checkpoint bench runs: the two tiny guests of bench_qemu.go
+// on one private libvirtd.
 const (
 	// checkpointRounds is how many checkpoints of each kind each guest takes.
 	checkpointRounds = 5
-	// checkpointGuestMiB is each guest's memory: a full checkpoint writes it.
-	checkpointGuestMiB = 128
-	// checkpointHeartbeats is how many heartbeats a guest prints before it
-	// counts as booted: its boot no longer competes for the CPUs.
-	checkpointHeartbeats = 3
-	// checkpointBootLimit bounds a guest's boot; checkpointStepLimit one
-	// checkpoint.
-	checkpointBootLimit = 3 * time.Minute
+	// checkpointStepLimit bounds one checkpoint.
 	checkpointStepLimit = 2 * time.Minute
-	// checkpointPoll is how often the Loom side reads the VM read model.
-	checkpointPoll = 10 * time.Millisecond
 	// checkpointDaemonIndex is the bench's libvirtd for host.sh.
 	checkpointDaemonIndex = 240
-	// rawDomain and loomVM name the two guests.
-	rawDomain = "bench-raw"
-	loomVM    = "bench-loom"
 )
 
 // checkpointRound is one round's figures of one kind.
@@ -70,13 +55,8 @@ func benchCheckpoint(ctx context.Context, cfg benchConfig, dir string, w io.Writ
 	}
 	defer func() { err = errors.Join(err, removeBenchFiles(cfg, w, files)) }()
 	rawDir, storage := filepath.Join(files, "raw"), filepath.Join(files, "loom")
-	for _, d := range []string{files, rawDir, storage} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
-			return err
-		}
-		if err := os.Chmod(d, 0o755); err != nil {
-			return err
-		}
+	if err := makeQEMUDirs(files, rawDir, storage); err != nil {
+		return err
 	}
 
 	hosts, err := startSimHosts(ctx, []string{filepath.Join(dir, "libvirtd")}, checkpointDaemonIndex, log)
@@ -104,29 +84,24 @@ func benchCheckpoint(ctx context.Context, cfg benchConfig, dir string, w io.Writ
 	}
 	defer stopPlane()
 	// The agent stopping ends the run, with its error.
-	ctx, fail := context.WithCancelCause(ctx)
-	agentDone := make(chan struct{})
-	go func() {
-		defer close(agentDone)
-		agent := plane.AgentConfig{Host: hostName(0), Socket: socket, URI: kind.uri, StorageDir: storage, AliveMarker: kind.aliveMarker}
-		fail(fmt.Errorf("agent %s stopped: %w", agent.Host, plane.RunAgent(ctx, conn, agent, log)))
-	}()
-	defer func() { fail(context.Canceled); <-agentDone }()
+	agent := plane.AgentConfig{Host: hostName(0), Socket: socket, URI: kind.uri, StorageDir: storage, AliveMarker: kind.aliveMarker}
+	ctx, stopAgents := runBenchAgents(ctx, conn, []plane.AgentConfig{agent}, log)
+	defer stopAgents()
 
 	admin := &client{flags: &clientFlags{actor: "bench", timeout: 30 * time.Second}, nc: conn.Conn}
-	loomSerial, err := startLoomVM(ctx, admin, kind.image, storage)
+	vm, err := startLoomVM(ctx, admin, kind.image, []string{agent.Host})
 	if err != nil {
 		return err
 	}
-	for _, serial := range []string{rawSerial, loomSerial} {
-		if err := waitHeartbeats(ctx, serial, kind.aliveMarker); err != nil {
+	for _, serial := range []string{rawSerial, loomSerial(storage, vm.UID)} {
+		if err := waitHeartbeats(ctx, serial, kind.aliveMarker, qemuHeartbeats); err != nil {
 			return err
 		}
 	}
 
 	kinds := []events.CheckpointKind{events.CheckpointDisk, events.CheckpointFull}
-	fmt.Fprintf(w, "  two tiny guests (1 vCPU, %d MiB, %s) on one libvirtd, one through libvirt alone, one a Loom VM;\n", checkpointGuestMiB, kind.uri)
-	fmt.Fprintf(w, "  %d checkpoints of each kind each, alternating (who goes first swaps each round); Loom polls every %s\n", checkpointRounds, checkpointPoll)
+	fmt.Fprintf(w, "  two tiny guests (1 vCPU, %d MiB, %s) on one libvirtd, one through libvirt alone, one a Loom VM;\n", qemuGuestMiB, kind.uri)
+	fmt.Fprintf(w, "  %d checkpoints of each kind each, alternating (who goes first swaps each round); Loom polls every %s\n", checkpointRounds, qemuPoll)
 	for _, k := range kinds {
 		rounds := make([]checkpointRound, checkpointRounds)
 		for round := range rounds {
@@ -149,67 +124,6 @@ func benchCheckpoint(ctx context.Context, cfg benchConfig, dir string, w io.Writ
 		printCheckpointRounds(w, k, rounds)
 	}
 	return nil
-}
-
-// startRawGuest defines and starts the raw guest as the agent would a VM
-// of img: a qcow2 overlay on img's disk, booted from its kernel, its
-// serial console to a file in dir, which it returns.
-func startRawGuest(ctx context.Context, virt *libvirt.Client, img events.RegisterImage, dir string) (serial string, err error) {
-	overlay := filepath.Join(dir, rawDomain+".qcow2")
-	out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-F", img.Format, "-b", img.Source, overlay).CombinedOutput()
-	if err != nil {
-		return "", fmt.Errorf("qemu-img create %s: %w\n%s", overlay, err, out)
-	}
-	serial = filepath.Join(dir, rawDomain+".serial")
-	spec := libvirt.DomainSpec{Name: rawDomain, VCPUs: 1, MemoryMiB: checkpointGuestMiB, DiskPath: overlay, SerialPath: serial}
-	if b := img.Boot; b != nil {
-		spec.Kernel, spec.Initrd, spec.Cmdline = b.Kernel, b.Initrd, b.Cmdline
-	}
-	if err := virt.Define(ctx, spec); err != nil {
-		return "", err
-	}
-	if err := virt.Start(ctx, rawDomain); err != nil {
-		return "", err
-	}
-	return serial, nil
-}
-
-// startLoomVM registers the host and img, creates the Loom VM from img,
-// waits until its agent reports it running, and returns its serial log.
-func startLoomVM(ctx context.Context, c *client, img events.RegisterImage, storage string) (serial string, err error) {
-	if err := registerBench(ctx, c.nc, []string{hostName(0)}, nil); err != nil {
-		return "", err
-	}
-	if _, err := c.command(ctx, events.KindImage, events.VerbRegister, &img); err != nil {
-		return "", fmt.Errorf("register image %s: %w", img.Name, err)
-	}
-	create := events.CreateVM{CommandMeta: events.CommandMeta{CommandID: "bench-create"}, Name: loomVM, Image: img.Name, CPU: 1, MemoryMiB: checkpointGuestMiB}
-	reply, err := c.command(ctx, events.KindVM, events.VerbCreate, &create)
-	if err != nil {
-		return "", fmt.Errorf("create %s: %w", loomVM, err)
-	}
-	waitCtx, cancel := context.WithTimeout(ctx, checkpointBootLimit)
-	defer cancel()
-	vm, err := waitConverged(waitCtx, c, loomVM, reply.LastSeq())
-	if err != nil {
-		return "", err
-	}
-	if vm == nil {
-		return "", fmt.Errorf("%s is gone", loomVM)
-	}
-	return filepath.Join(storage, loomVM+"-"+vm.UID+".serial"), nil
-}
-
-// waitHeartbeats waits until a guest's serial log shows marker
-// checkpointHeartbeats times.
-func waitHeartbeats(ctx context.Context, serial, marker string) error {
-	return pollUntil(ctx, checkpointBootLimit, 200*time.Millisecond, "heartbeats on "+serial, func(context.Context) (bool, error) {
-		data, err := os.ReadFile(serial)
-		if err != nil && !errors.Is(err, os.ErrNotExist) {
-			return false, err
-		}
-		return bytes.Count(data, []byte(marker)) >= checkpointHeartbeats, nil
-	})
 }
 
 // rawCheckpoint takes one checkpoint of the raw guest, its files in dir,
@@ -241,7 +155,7 @@ func loomCheckpoint(ctx context.Context, c *client, kind events.CheckpointKind, 
 		return fmt.Errorf("the reply appended no %s: %+v", events.TypeVMCheckpointRequested, reply.Events)
 	}
 	requested := reply.Events[i].Seq
-	return pollUntil(ctx, checkpointStepLimit, checkpointPoll, "checkpoint of "+loomVM+" taken", func(ctx context.Context) (bool, error) {
+	return pollUntil(ctx, checkpointStepLimit, qemuPoll, "checkpoint of "+loomVM+" taken", func(ctx context.Context) (bool, error) {
 		vm, err := getVM(ctx, c, loomVM, reply.LastSeq())
 		if err != nil {
 			return false, err
@@ -264,90 +178,20 @@ func loomCheckpoint(ctx context.Context, c *client, kind events.CheckpointKind, 
 	})
 }
 
-// pollUntil calls done every interval until it reports true or an error,
-// for at most limit; when ctx ends first, its cause is the error.
-func pollUntil(ctx context.Context, limit, every time.Duration, what string, done func(context.Context) (bool, error)) error {
-	ctx, cancel := context.WithTimeoutCause(ctx, limit, fmt.Errorf("%s: not within %s", what, limit))
-	defer cancel()
-	tick := time.NewTicker(every)
-	defer tick.Stop()
-	for {
-		ok, err := done(ctx)
-		switch {
-		case ctx.Err() != nil:
-			return context.Cause(ctx)
-		case err != nil:
-			return fmt.Errorf("%s: %w", what, err)
-		case ok:
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return context.Cause(ctx)
-		case <-tick.C:
-		}
-	}
-}
-
 // printCheckpointRounds prints one kind's medians and ranges, and Loom's
 // overhead: the median of its rounds' differences, each Loom round paired
 // with the raw one beside it, so drift across rounds cancels out.
 func printCheckpointRounds(w io.Writer, kind events.CheckpointKind, rounds []checkpointRound) {
-	column := func(f func(checkpointRound) time.Duration) []time.Duration {
-		d := make([]time.Duration, len(rounds))
-		for i, r := range rounds {
-			d[i] = f(r)
-		}
-		slices.Sort(d)
-		return d
-	}
 	row := func(what string, f func(checkpointRound) time.Duration) time.Duration {
-		d := column(f)
-		median := percentile(d, 0.5)
-		fmt.Fprintf(w, "    %-38s median %9s  (%s .. %s)\n", what, roundMs(median), roundMs(d[0]), roundMs(d[len(d)-1]))
-		return median
+		return printDurationRow(w, what, durationsOf(rounds, f))
 	}
 	fmt.Fprintf(w, "  %s:\n", kind)
 	raw := row("libvirt alone (TakeSnapshot)", func(r checkpointRound) time.Duration { return r.raw })
 	loom := row("Loom, command -> read model taken", func(r checkpointRound) time.Duration { return r.loom })
 	row("  of which command -> reply", func(r checkpointRound) time.Duration { return r.reply })
 	row("  of which in libvirt (agent's Millis)", func(r checkpointRound) time.Duration { return r.inLibvirt })
-	overRaw := percentile(column(func(r checkpointRound) time.Duration { return r.loom - r.raw }), 0.5)
-	overOwn := percentile(column(func(r checkpointRound) time.Duration { return r.loom - r.inLibvirt }), 0.5)
+	overRaw := medianOf(durationsOf(rounds, func(r checkpointRound) time.Duration { return r.loom - r.raw }))
+	overOwn := medianOf(durationsOf(rounds, func(r checkpointRound) time.Duration { return r.loom - r.inLibvirt }))
 	fmt.Fprintf(w, "    ratio Loom/libvirt %.2f (medians); Loom's overhead, median per round: %s over libvirt alone, %s over its own libvirt call\n",
 		float64(loom)/float64(raw), roundMs(overRaw), roundMs(overOwn))
-}
-
-// roundMs rounds d to a tenth of a millisecond.
-func roundMs(d time.Duration) time.Duration { return d.Round(100 * time.Microsecond) }
-
-// destroyDomains destroys and undefines every domain of the libvirtd on
-// socket, on a connection of its own: stopping libvirtd leaves guests
-// running.
-func destroyDomains(socket, uri string) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	virt, err := libvirt.Dial(ctx, libvirt.Config{Socket: socket, URI: uri, RPCTimeout: time.Minute})
-	if err != nil {
-		return fmt.Errorf("remove the guests: %w", err)
-	}
-	defer func() { _ = virt.Close() }()
-	doms, err := virt.List(ctx)
-	if err != nil {
-		return fmt.Errorf("remove the guests: %w", err)
-	}
-	var errs []error
-	for _, d := range doms {
-		errs = append(errs, virt.Destroy(ctx, d.Name), virt.Undefine(ctx, d.Name))
-	}
-	return errors.Join(errs...)
-}
-
-// removeBenchFiles removes the guests' files, unless --keep.
-func removeBenchFiles(cfg benchConfig, w io.Writer, dir string) error {
-	if cfg.keep {
-		fmt.Fprintf(w, "  (kept the guests' files in %s)\n", dir)
-		return nil
-	}
-	return os.RemoveAll(dir)
 }
