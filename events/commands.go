@@ -83,6 +83,8 @@ type CreateVM struct {
 	// OnHostLost is what happens if the VM's host is declared lost:
 	// restart (the default) or stop.
 	OnHostLost HostLostPolicy `msgpack:"on_host_lost,omitempty" json:"on_host_lost,omitempty"`
+	// Net, if set, gives the VM an address on that virtual network.
+	Net string `msgpack:"net,omitempty" json:"net,omitempty"`
 }
 
 // VMCommand names the VM a start, stop, pause, resume or delete acts on.
@@ -155,6 +157,11 @@ func (c *CreateVM) Validate() error {
 	}
 	if c.OnHostLost != "" && !c.OnHostLost.Valid() {
 		return fmt.Errorf("on_host_lost %q: want %s or %s", c.OnHostLost, RestartElsewhere, LeaveStopped)
+	}
+	if c.Net != "" {
+		if err := ValidateName("net", c.Net); err != nil {
+			return err
+		}
 	}
 	return c.CommandMeta.Validate()
 }

@@ -84,6 +84,12 @@ const (
 	CodeCheckpointUnsupported Code = 8004
 	// A file the catalog names for the checkpoint is not on its host (removed by hand, or the host's storage was replaced); the VM was left as it was.
 	CodeCheckpointFilesMissing Code = 8005
+	// No virtual network is registered under that name.
+	CodeNetNotFound Code = 9001
+	// A net of that name already exists with another prefix or segment.
+	CodeNetExists Code = 9002
+	// Every address of the net is held by a VM: make a larger net, or delete VMs.
+	CodeNetFull Code = 9003
 )
 
 // catalog maps each code to its name and description.
@@ -128,4 +134,7 @@ var catalog = map[Code]codeInfo{
 	CodeCheckpointElsewhere:    {"checkpoint_elsewhere", "The checkpoint's files are on another host than the one the VM runs on now (the VM moved since); Loom does not copy checkpoints between hosts."},
 	CodeCheckpointUnsupported:  {"checkpoint_unsupported", "The host keeps no disks for its VMs (a simulated host), or the VM has no disk from an image: there is nothing to checkpoint."},
 	CodeCheckpointFilesMissing: {"checkpoint_files_missing", "A file the catalog names for the checkpoint is not on its host (removed by hand, or the host's storage was replaced); the VM was left as it was."},
+	CodeNetNotFound:            {"net_not_found", "No virtual network is registered under that name."},
+	CodeNetExists:              {"net_exists", "A net of that name already exists with another prefix or segment."},
+	CodeNetFull:                {"net_full", "Every address of the net is held by a VM: make a larger net, or delete VMs."},
 }

@@ -46,6 +46,18 @@ type DomainSpec struct {
 	// Disk is the image the VM's disk is a copy-on-write overlay of, as
 	// registered; the dispatcher fills it in from the images read model.
 	Disk *ImageDisk `msgpack:"disk,omitempty" json:"disk,omitempty"`
+	// Net is the VM's address on its virtual network, from the nets read
+	// model; nil when it is on none (or has no address yet).
+	Net *NetAddress `msgpack:"net,omitempty" json:"net,omitempty"`
+}
+
+// NetAddress is a VM's interface on a virtual network.
+type NetAddress struct {
+	Net    string `msgpack:"net" json:"net"`
+	VNI    uint32 `msgpack:"vni" json:"vni"`
+	Addr   string `msgpack:"addr" json:"addr"`
+	Prefix int    `msgpack:"prefix" json:"prefix"`
+	MAC    string `msgpack:"mac" json:"mac"`
 }
 
 // ImageDisk is where a VM's image is on the hosts, and how it boots.

@@ -133,6 +133,9 @@ type HostAgentStarted struct {
 	// "tcp:ADDRESS".
 	MigrateURI    string `msgpack:"migrate_uri,omitempty" json:"migrate_uri,omitempty"`
 	MigrateListen string `msgpack:"migrate_listen,omitempty" json:"migrate_listen,omitempty"`
+	// TunnelEndpoint is this host's address on the underlay, where other
+	// hosts send the VXLAN traffic of its VMs' addresses.
+	TunnelEndpoint string `msgpack:"tunnel_endpoint,omitempty" json:"tunnel_endpoint,omitempty"`
 }
 
 func (VMMigrationStarted) EventType() Type    { return TypeVMMigrationStarted }

@@ -47,5 +47,6 @@ type QueryReply struct {
 	Hosts  []HostView   `msgpack:"hosts,omitempty" json:"hosts,omitempty"`
 	Images []ImageState `msgpack:"images,omitempty" json:"images,omitempty"`
 	Leases []LeaseGrant `msgpack:"leases,omitempty" json:"leases,omitempty"`
+	Nets   []NetState   `msgpack:"nets,omitempty" json:"nets,omitempty"`
 	Error  *Fault       `msgpack:"error,omitempty" json:"error,omitempty"`
 }

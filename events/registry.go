@@ -49,6 +49,7 @@ var registry = map[Type]typeInfo{
 	}),
 	TypeVMCreated: versions[VMCreated](map[int]func([]byte) (Event, error){
 		1: upcast(upcastVMCreatedV1),
+		2: upcast(upcastVMCreatedV2),
 	}),
 	TypeVMPlaced: versions[VMPlaced](map[int]func([]byte) (Event, error){
 		1: upcast(upcastVMPlacedV1),
@@ -84,6 +85,9 @@ var registry = map[Type]typeInfo{
 	TypeVMMigrationSent:       current[VMMigrationSent](),
 	TypeVMMigrationAborted:    current[VMMigrationAborted](),
 	TypeHostAgentStarted:      current[HostAgentStarted](),
+	TypeNetCreated:            current[NetCreated](),
+	TypeNetAddressBound:       current[NetAddressBound](),
+	TypeNetAddressReleased:    current[NetAddressReleased](),
 }
 
 // Types lists every registered event type with its newest version.

@@ -52,6 +52,20 @@ func upcastVMCreatedV1(v vmCreatedV1) VMCreated {
 	return VMCreated{UID: v.UID, Image: v.Image, CPU: v.CPU, MemoryMiB: v.MemoryMiB, Desired: v.Desired, OnHostLost: RestartElsewhere}
 }
 
+// vmCreatedV2 is vm.created before virtual networks: such a VM is on none.
+type vmCreatedV2 struct {
+	UID        string         `msgpack:"uid"`
+	Image      string         `msgpack:"image"`
+	CPU        int            `msgpack:"cpu"`
+	MemoryMiB  int            `msgpack:"mem_mib"`
+	Desired    Desired        `msgpack:"desired"`
+	OnHostLost HostLostPolicy `msgpack:"on_host_lost"`
+}
+
+func upcastVMCreatedV2(v vmCreatedV2) VMCreated {
+	return VMCreated{UID: v.UID, Image: v.Image, CPU: v.CPU, MemoryMiB: v.MemoryMiB, Desired: v.Desired, OnHostLost: v.OnHostLost}
+}
+
 // imageRegisteredV1 is image.registered before images could boot a
 // kernel directly.
 type imageRegisteredV1 struct {

@@ -54,6 +54,9 @@ type VMCreated struct {
 	// OnHostLost is what happens to the VM if its host is declared lost
 	// (v2; v1 VMs restart).
 	OnHostLost HostLostPolicy `msgpack:"on_host_lost" json:"on_host_lost"`
+	// Net is the virtual network the VM has an address on (v3; empty:
+	// none, as every VM before v3).
+	Net string `msgpack:"net,omitempty" json:"net,omitempty"`
 }
 
 // HostLostPolicy says what becomes of a VM whose host was declared lost,
@@ -143,6 +146,8 @@ type VMState struct {
 	Leases []LeaseEpoch `msgpack:"leases,omitempty" json:"leases,omitempty"`
 	// OnHostLost is the VM's host-loss policy.
 	OnHostLost HostLostPolicy `msgpack:"on_host_lost,omitempty" json:"on_host_lost,omitempty"`
+	// Net is the virtual network the VM has an address on, if any.
+	Net string `msgpack:"net,omitempty" json:"net,omitempty"`
 	// Left is the host the VM was last moved off, whose goal must say
 	// absent (LeftReason) so that it never resumes the VM there; LeftAt
 	// is the incarnation of that absent goal, and LeftGone says the host
@@ -204,7 +209,7 @@ func (s *VMState) Apply(rec *Record) error {
 	switch ev := rec.Event.(type) {
 	case VMCreated:
 		*s = VMState{Name: s.Name, UID: ev.UID, Phase: PhasePending, Image: ev.Image, CPU: ev.CPU,
-			MemoryMiB: ev.MemoryMiB, Desired: ev.Desired, OnHostLost: ev.OnHostLost,
+			MemoryMiB: ev.MemoryMiB, Desired: ev.Desired, OnHostLost: ev.OnHostLost, Net: ev.Net,
 			CreatedBy: rec.Envelope.Actor, CreateCommand: rec.Envelope.CommandID}
 	case VMPlaced:
 		if ev.UID != s.UID {

@@ -16,6 +16,7 @@ const (
 	createStepPlaced    = 2 // vm.placed on the VM's subject
 	createStepWithdrawn = 3 // vm.deleted when no host had room after all
 	createStepReleased  = 4 // host.released by the scheduler, for an allocation left behind
+	createStepAddress   = 7 // net.address_bound on the VM's net, before vm.placed (5, 6: its leases)
 )
 
 // maxAdmissions bounds how often a create looks for another host after the
@@ -220,6 +221,21 @@ func (s *Service) precheck(ctx context.Context, r *createRun) *events.Fault {
 	})
 	if err != nil {
 		return unavailable("read image "+r.cmd.Image, err)
+	}
+	if fault != nil || r.cmd.Net == "" {
+		return fault
+	}
+	fault, err = check(ctx, s, s.nets, r.cmd.Net, func(n *events.NetState) *events.Fault {
+		if !n.Created {
+			return events.Errorf(events.CodeNetNotFound, "no net %s", r.cmd.Net)
+		}
+		if _, free := n.FreeAddr(); !free {
+			return events.Errorf(events.CodeNetFull, "net %s (%s) has no free address", r.cmd.Net, n.CIDR)
+		}
+		return nil
+	})
+	if err != nil {
+		return unavailable("read net "+r.cmd.Net, err)
 	}
 	return fault
 }

@@ -28,7 +28,7 @@ func decideCreate(vm events.VMState, cmd *events.CreateVM, origin events.Origin)
 	if policy == "" {
 		policy = events.RestartElsewhere
 	}
-	return events.VMCreated{UID: uid, Image: cmd.Image, CPU: cmd.CPU, MemoryMiB: cmd.MemoryMiB, Desired: desired, OnHostLost: policy}, nil
+	return events.VMCreated{UID: uid, Image: cmd.Image, CPU: cmd.CPU, MemoryMiB: cmd.MemoryMiB, Desired: desired, OnHostLost: policy, Net: cmd.Net}, nil
 }
 
 // placement is where a VM's allocation stands.

@@ -56,6 +56,23 @@ func (s *Service) placeLeasedFrom(ctx context.Context, c *command, vm, uid, imag
 	if fault != nil {
 		return stepResult{}, leased, fault
 	}
+	// Its address goes with it: bound to the host before the placement
+	// that gives the host its goal, so the goal names it.
+	var net string
+	if err := s.vms.view(ctx, vm, func(state *events.VMState, _ events.Head) {
+		if state.UID == uid {
+			net = state.Net
+		}
+	}); err != nil {
+		return stepResult{}, leased, unavailable("read vm "+vm, err)
+	}
+	bound, fault := s.bindAddress(ctx, c, vm, uid, net, p.host)
+	if bound.appended != nil {
+		leased = append(leased, bound)
+	}
+	if fault != nil {
+		return stepResult{}, leased, fault
+	}
 	if from == "" {
 		placed, fault = s.place(ctx, c, vm, uid, p)
 	} else {

@@ -25,6 +25,7 @@ type memReader struct {
 	vms     map[string]row[events.VMState]
 	hosts   map[string]row[events.HostState]
 	images  map[string]row[events.ImageState]
+	nets    map[string]row[events.NetState]
 	leases  map[string]events.LeaseState
 	heads   map[string]events.Head
 	results map[[2]string][]events.Appended
@@ -47,7 +48,7 @@ var _ Reader = (*memReader)(nil)
 
 func newMemReader() *memReader {
 	return &memReader{changed: make(chan struct{}), vms: map[string]row[events.VMState]{},
-		hosts: map[string]row[events.HostState]{}, images: map[string]row[events.ImageState]{},
+		hosts: map[string]row[events.HostState]{}, images: map[string]row[events.ImageState]{}, nets: map[string]row[events.NetState]{},
 		leases: map[string]events.LeaseState{}, heads: map[string]events.Head{},
 		results: map[[2]string][]events.Appended{}}
 }
@@ -133,6 +134,8 @@ func (r *memReader) foldLocked(addr events.Address, rec *events.Record) error {
 		err = fold(r.hosts, addr, rec, head)
 	case events.KindImage:
 		err = fold(r.images, addr, rec, head)
+	case events.KindNet:
+		err = fold(r.nets, addr, rec, head)
 	}
 	if err == nil && !addr.Observed && rec.Envelope.CommandID != "" {
 		key := [2]string{rec.Envelope.Actor, rec.Envelope.CommandID}
@@ -177,6 +180,23 @@ func (r *memReader) Host(_ context.Context, name string) (events.HostState, even
 	defer r.mu.Unlock()
 	rw := r.hosts[name]
 	return cloneHost(rw.state), rw.head, nil
+}
+
+func (r *memReader) Net(_ context.Context, name string) (events.NetState, events.Head, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	rw := r.nets[name]
+	return rw.state, rw.head, nil
+}
+
+func (r *memReader) Nets(context.Context) ([]events.NetState, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]events.NetState, 0, len(r.nets))
+	for _, rw := range r.nets {
+		out = append(out, rw.state)
+	}
+	return out, nil
 }
 
 func (r *memReader) Image(_ context.Context, name string) (events.ImageState, events.Head, error) {

@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -41,8 +43,8 @@ func (s *Service) serveMigrate(ctx context.Context, req *request) *events.Reply 
 		}
 		return reply
 	}
-	appended, fault := s.startMigration(ctx, c, &cmd)
-	return &events.Reply{Events: appended, Error: fault}
+	appended, replayed, fault := s.startMigration(ctx, c, &cmd)
+	return &events.Reply{Events: appended, Error: fault, Replayed: replayed}
 }
 
 // startMigration appends the target's allocation and vm.migration_started
@@ -50,23 +52,27 @@ func (s *Service) serveMigrate(ctx context.Context, req *request) *events.Reply 
 // target's capacity is reserved in the append that starts the migration,
 // or neither happens. It decides again when another writer moved either
 // subject.
-func (s *Service) startMigration(ctx context.Context, c *command, cmd *events.MigrateVM) ([]events.Appended, *events.Fault) {
+func (s *Service) startMigration(ctx context.Context, c *command, cmd *events.MigrateVM) (appended []events.Appended, replayed bool, fault *events.Fault) {
 	id := events.DeriveCheckpointID(prefixMigration, c.actor, c.id)
 	for attempt := 1; ; attempt++ {
 		vm, vmHead, err := s.cfg.Reader.VM(ctx, cmd.Name)
 		if err != nil {
-			return nil, unavailable("read vm "+cmd.Name, err)
+			return nil, false, unavailable("read vm "+cmd.Name, err)
+		}
+		if vm.Migration != nil && vm.Migration.ID == id {
+			out, fault := s.storedMigration(ctx, c, cmd.Name, nil) // this command's own, from an earlier attempt
+			return out, fault == nil, fault
 		}
 		if fault := migratable(vm, cmd.Name); fault != nil {
-			return nil, fault
+			return nil, false, fault
 		}
 		to, toHead, fault := s.migrationTarget(ctx, vm, cmd.To)
 		if fault != nil {
-			return nil, fault
+			return nil, false, fault
 		}
 		evs, fault := decideMigrationStart(vm, to, id)
 		if fault != nil {
-			return nil, fault
+			return nil, false, fault
 		}
 		targets := [2]struct {
 			kind events.Kind
@@ -79,7 +85,7 @@ func (s *Service) startMigration(ctx context.Context, c *command, cmd *events.Mi
 			t := targets[i]
 			env, data, err := events.Seal(ev, t.kind, t.id, c.origin, i, t.head.Hash)
 			if err != nil {
-				return nil, events.Errorf(events.CodeInternal, "%v", err)
+				return nil, false, events.Errorf(events.CodeInternal, "%v", err)
 			}
 			envs[i], msgs[i] = env, checkedMsg(events.EventSubject(t.kind, t.id), &env, data, t.head.Seq, events.MsgID(c.actor, c.id, i))
 		}
@@ -93,24 +99,40 @@ func (s *Service) startMigration(ctx context.Context, c *command, cmd *events.Mi
 			for i := range msgs {
 				out[i] = events.Appended{Seq: last - uint64(len(msgs)-1-i), Subject: msgs[i].Subject, Type: envs[i].Type, ID: envs[i].ID}
 			}
-			return out, nil
+			return out, false, nil
+		case errors.Is(err, bus.ErrDuplicateInBatch):
+			out, fault := s.storedMigration(ctx, c, cmd.Name, err) // an earlier attempt stored it
+			return out, fault == nil, fault
 		case errors.Is(err, bus.ErrWrongLastSeq) || errors.Is(err, bus.ErrTryAgain):
 			if attempt >= s.cfg.MaxAttempts {
-				return nil, events.Errorf(events.CodeConflict, "vm %s or host %s kept changing: %d attempts; the migration did not start, retrying is safe", cmd.Name, to.Name, attempt)
+				return nil, false, events.Errorf(events.CodeConflict, "vm %s or host %s kept changing: %d attempts; the migration did not start, retrying is safe", cmd.Name, to.Name, attempt)
 			}
 			// Both subjects: whichever moved, the reader catches up with it.
 			for _, subject := range []string{events.EventSubject(events.KindVM, cmd.Name), events.EventSubject(events.KindHost, to.Name)} {
 				if _, fault := s.catchUp(ctx, subject); fault != nil {
-					return nil, fault
+					return nil, false, fault
 				}
 			}
 			if err := backoff(ctx, attempt); err != nil {
-				return nil, unavailable("retry migrate", err)
+				return nil, false, unavailable("retry migrate", err)
 			}
 		default:
-			return nil, unavailable("append the start of the migration", err)
+			return nil, false, unavailable("append the start of the migration", err)
 		}
 	}
+}
+
+// storedMigration answers a migrate that an earlier attempt of the same
+// command stored, with what it stored.
+func (s *Service) storedMigration(ctx context.Context, c *command, vm string, cause error) ([]events.Appended, *events.Fault) {
+	if _, fault := s.catchUp(ctx, events.EventSubject(events.KindVM, vm)); fault != nil {
+		return nil, fault
+	}
+	result, found, err := s.cfg.Reader.CommandResult(ctx, c.actor, c.id)
+	if err != nil || !found {
+		return nil, unavailable("read what an earlier attempt of the migration stored", errors.Join(cause, err))
+	}
+	return result, nil
 }
 
 // migrationTarget is the host vm moves to: the one named, or the one the
@@ -118,6 +140,10 @@ func (s *Service) startMigration(ctx context.Context, c *command, cmd *events.Mi
 // what its agent reported of itself.
 func (s *Service) migrationTarget(ctx context.Context, vm events.VMState, named string) (events.HostState, events.Head, *events.Fault) {
 	if named == "" {
+		// What every host's agent said of itself counts: catch up with it.
+		if _, fault := s.catchUp(ctx, events.ObservationSubject("*", events.KindHost, "*")); fault != nil {
+			return events.HostState{}, events.Head{}, fault
+		}
 		hosts, err := s.cfg.Reader.Hosts(ctx)
 		if err != nil {
 			return events.HostState{}, events.Head{}, unavailable("list hosts", err)
@@ -259,6 +285,17 @@ func (s *Service) handoff(ctx context.Context, vm events.VMState, head events.He
 		}
 		grants = append(grants, events.MovedGrant{Resource: l.Resource, Mode: l.Mode, Back: uint64(len(msgs) - 1)})
 	}
+	// The VM's address now leads to the target's tunnel endpoint: in the
+	// same append, checked against the net's head.
+	if vm.Net != "" {
+		msg, fault := s.boundMsg(ctx, c, vm, m.To, len(msgs))
+		if fault != nil {
+			return fault
+		}
+		if msg != nil {
+			msgs = append(msgs, msg)
+		}
+	}
 	for i := range grants {
 		grants[i].Back = uint64(len(msgs)) - grants[i].Back // counted back from vm.migrated, stored last
 	}
@@ -305,16 +342,73 @@ func (s *Service) watchMigrations(ctx context.Context) error {
 		return fmt.Errorf("watch migration reports: %w", err)
 	}
 	defer func() { _ = sub.Unsubscribe() }()
+	// A core subscriber may see a report before the stream stored it, and
+	// then the read model cannot have it yet: look again a little later.
+	type retry struct {
+		name string
+		at   time.Time
+		left int
+	}
+	var retries []retry
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
 	for {
+		if len(retries) > 0 {
+			slices.SortFunc(retries, func(a, b retry) int { return a.at.Compare(b.at) })
+			timer.Reset(time.Until(retries[0].at))
+		}
 		select {
 		case <-ctx.Done():
 			return nil
 		case name := <-names:
-			pass, cancel := context.WithTimeout(ctx, minPassTimeout)
-			if err := s.advanceMigration(pass, name); err != nil && ctx.Err() == nil {
-				s.log.Warn("advance migration; the scheduler will retry", keyVM, name, keyErr, err)
+			s.advanceOnce(ctx, name)
+			retries = append(retries, retry{name, time.Now().Add(reportRetry), 2})
+		case <-timer.C:
+			if len(retries) == 0 {
+				continue
 			}
-			cancel()
+			r := retries[0]
+			retries = retries[1:]
+			s.advanceOnce(ctx, r.name)
+			if r.left > 1 {
+				retries = append(retries, retry{r.name, time.Now().Add(4 * reportRetry), r.left - 1})
+			}
 		}
 	}
+}
+
+// reportRetry is when a migration is looked at again after a report.
+const reportRetry = 100 * time.Millisecond
+
+// advanceOnce runs advanceMigration, logging a failure.
+func (s *Service) advanceOnce(ctx context.Context, name string) {
+	pass, cancel := context.WithTimeout(ctx, minPassTimeout)
+	defer cancel()
+	if err := s.advanceMigration(pass, name); err != nil && ctx.Err() == nil {
+		s.log.Warn("advance migration; the scheduler will retry", keyVM, name, keyErr, err)
+	}
+}
+
+// boundMsg is the sealed net.address_bound that moves vm's address to
+// host, as message index of command c, checked against the net's head;
+// nil when the address is bound there already.
+func (s *Service) boundMsg(ctx context.Context, c *command, vm events.VMState, host string, index int) (*nats.Msg, *events.Fault) {
+	endpoint, fault := s.endpointOf(ctx, host)
+	if fault != nil {
+		return nil, fault
+	}
+	n, head, err := s.cfg.Reader.Net(ctx, vm.Net)
+	if err != nil {
+		return nil, unavailable("read net "+vm.Net, err)
+	}
+	ev, fault := decideBind(n, vm.Name, vm.UID, host, endpoint)
+	if fault != nil || ev == nil {
+		return nil, fault
+	}
+	env, data, err := events.Seal(ev, events.KindNet, vm.Net, c.origin, index, head.Hash)
+	if err != nil {
+		return nil, events.Errorf(events.CodeInternal, "%v", err)
+	}
+	s.nets.drop(vm.Net)
+	return checkedMsg(events.EventSubject(events.KindNet, vm.Net), &env, data, head.Seq, events.MsgID(c.actor, c.id, index)), nil
 }

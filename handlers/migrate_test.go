@@ -21,7 +21,7 @@ func agentStarted(t *testing.T, r *replica, host string) {
 		prev = events.Hash(last.Data)
 	}
 	env, data, err := events.Seal(events.HostAgentStarted{Agent: "a-" + host, StorageDir: "/var/lib/loom/" + host,
-		MigrateURI: "qemu+tcp://" + host + "/system", MigrateListen: "tcp:" + host}, events.KindHost, host, events.Origin{Actor: "agent:" + host, Time: time.Now()}, 0, prev)
+		MigrateURI: "qemu+tcp://" + host + "/system", MigrateListen: "tcp:" + host, TunnelEndpoint: "192.0.2." + host[1:]}, events.KindHost, host, events.Origin{Actor: "agent:" + host, Time: time.Now()}, 0, prev)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -35,7 +35,8 @@ func agentStarted(t *testing.T, r *replica, host string) {
 func migrating(t *testing.T) (*replica, events.VMState, func(), func()) {
 	t.Helper()
 	b, r, _ := schedulerFixture(t)
-	createVM(t, b, r, "web")
+	must(t, r.nc, events.KindNet, events.VerbCreate, &events.CreateNet{CommandMeta: events.CommandMeta{CommandID: "n1"}, Name: "blue", CIDR: "10.77.0.0/24"})
+	createVM(t, b, r, "web", func(c *events.CreateVM) { c.Net = "blue" })
 	ctx := context.Background()
 	vm, _, _ := r.reader.VM(ctx, "web")
 	to := map[string]string{"h1": "h2", "h2": "h1"}[vm.Host]

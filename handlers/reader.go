@@ -23,6 +23,11 @@ type Reader interface {
 	// Image is the named image's state and the head of its subject; the
 	// zero state and zero Head when it was never registered.
 	Image(ctx context.Context, name string) (events.ImageState, events.Head, error)
+	// Net is the named net's state and the head of loom.evt.net.<name>;
+	// the zero state and zero Head when it was never created.
+	Net(ctx context.Context, name string) (events.NetState, events.Head, error)
+	// Nets lists every net the read model knows.
+	Nets(ctx context.Context) ([]events.NetState, error)
 	// Lease is a resource's lease state ("image/<name>", "disk/<name>"),
 	// with every shared grant; Grants is zero when none was ever made.
 	Lease(ctx context.Context, resource string) (events.LeaseState, error)

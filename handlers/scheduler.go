@@ -104,6 +104,7 @@ func (s *Service) ReconcileOnce(ctx context.Context) error {
 	errs = append(errs, s.completeBreaks(ctx, hosts, vms, grants))
 	errs = append(errs, s.scheduleCheckpoints(ctx, vms))
 	errs = append(errs, s.advanceMigrations(ctx, vms))
+	errs = append(errs, s.releaseOrphanAddresses(ctx, vms))
 	return errors.Join(errs...)
 }
 

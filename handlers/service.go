@@ -158,6 +158,7 @@ type Service struct {
 	vms    *table[events.VMState]
 	hosts  *table[hostView]
 	images *table[events.ImageState]
+	nets   *table[events.NetState]
 	locks  locker
 	holds  holds
 	names  hostNames
@@ -213,6 +214,7 @@ func New(cfg Config) (*Service, error) {
 		func(vm *events.VMState) bool { return vm.Phase != events.PhaseDeleting })
 	s.hosts = newTable(events.KindHost, 0, s.loadHost, (*hostView).apply, nil)
 	s.images = newTable(events.KindImage, 0, s.loadImage, (*events.ImageState).Apply, nil)
+	s.nets = newTable(events.KindNet, 0, s.loadNet, (*events.NetState).Apply, nil)
 	return s, nil
 }
 
@@ -238,6 +240,14 @@ func (s *Service) loadImage(ctx context.Context, name string) (events.ImageState
 		img.Name = name
 	}
 	return img, head, err
+}
+
+func (s *Service) loadNet(ctx context.Context, name string) (events.NetState, events.Head, error) {
+	n, head, err := s.cfg.Reader.Net(ctx, name)
+	if n.Name == "" {
+		n.Name = name
+	}
+	return n, head, err
 }
 
 // serveFunc handles one decoded request and says what to reply.
@@ -266,6 +276,7 @@ func (s *Service) AddEndpoints(svc micro.Service) error {
 		{events.KindVM, events.VerbDeleteCheckpoint, s.serveDeleteCheckpoint},
 		{events.KindVM, events.VerbSchedule, s.serveSchedule},
 		{events.KindVM, events.VerbMigrate, s.serveMigrate},
+		{events.KindNet, events.VerbCreate, s.serveCreateNet},
 		{events.KindLease, events.VerbAcquire, s.serveAcquire},
 		{events.KindLease, events.VerbRelease, s.serveRelease},
 		{events.KindLease, events.VerbBreak, s.serveBreak},

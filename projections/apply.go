@@ -155,6 +155,8 @@ func (b *batch) fold(rec *events.Record, addr events.Address) error {
 		return b.foldHost(rec, addr)
 	case events.KindImage:
 		return b.foldImage(rec)
+	case events.KindNet:
+		return b.foldNet(rec)
 	case events.KindVM:
 		return b.foldVM(rec)
 	case events.KindLease:
@@ -220,6 +222,9 @@ func (b *batch) commit() (changedVMs []string, err error) {
 	if err := b.r.images.write(pb, enc, nil); err != nil {
 		return nil, err
 	}
+	if err := b.r.nets.write(pb, enc, nil); err != nil {
+		return nil, err
+	}
 	if err := b.writeLeaseEntries(pb, enc); err != nil {
 		return nil, err
 	}
@@ -250,6 +255,7 @@ func (b *batch) commit() (changedVMs []string, err error) {
 func (b *batch) committed() {
 	b.r.hosts.committed()
 	b.r.images.committed()
+	b.r.nets.committed()
 	b.r.vms.committed()
 	b.r.leases.committed()
 }
@@ -258,6 +264,7 @@ func (b *batch) committed() {
 func (b *batch) abandon() {
 	b.r.hosts.abandon()
 	b.r.images.abandon()
+	b.r.nets.abandon()
 	b.r.vms.abandon()
 	b.r.leases.abandon()
 }

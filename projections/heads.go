@@ -41,6 +41,12 @@ func (b *batch) setHead(subject string, addr events.Address, head events.Head) e
 			return err
 		}
 		r.head = head
+	case events.KindNet:
+		r, err := b.r.nets.load(b.s.db, addr.ID)
+		if err != nil {
+			return err
+		}
+		r.head = head
 	default:
 		b.heads[subject] = head
 	}
@@ -80,6 +86,9 @@ func (v *view) head(subject string) (events.Head, error) {
 	case events.KindHost:
 		row, _, err := v.hostRow(addr.ID)
 		return row.Head, err
+	case events.KindNet:
+		_, head, _, err := v.net(addr.ID)
+		return head, err
 	case events.KindImage:
 		_, head, _, err := v.image(addr.ID)
 		return head, err

@@ -54,6 +54,8 @@ type history struct {
 	livenessSeq uint64
 	// leases are the grants standing on each resource (history_leases.go).
 	leases map[events.Resource]*genLease
+	// nets are the virtual networks' states (history_nets.go).
+	nets map[string]*events.NetState
 }
 
 type genHost struct {
@@ -77,6 +79,8 @@ type genVM struct {
 	incarnation, observed uint64
 	// checkpoints are its taken checkpoints not yet deleted.
 	checkpoints []string
+	// net is the virtual network it has an address on, if any.
+	net string
 }
 
 // message is one message to publish: sealed bytes, or corrupt ones.
@@ -113,6 +117,9 @@ func (h *history) act() {
 		return
 	case len(h.images) < h.cfg.images:
 		h.registerImage()
+		return
+	case h.nets == nil:
+		h.createNets()
 		return
 	}
 	if h.cfg.anomalies && h.rng.IntN(12) == 0 {
@@ -201,11 +208,14 @@ func (h *history) createVM() {
 	vm := &genVM{name: name, uid: events.DeriveUID("bench", cmd), image: h.images[h.rng.IntN(len(h.images))],
 		cpu: 1 + h.rng.IntN(4), phase: events.PhasePending, desired: events.DesiredRunning}
 	vm.mem = 512 * vm.cpu
+	if h.rng.IntN(3) == 0 {
+		vm.net = "net-" + strconv.Itoa(h.rng.IntN(2))
+	}
 	h.live[name] = vm
 	h.at[name] = len(h.names)
 	h.names = append(h.names, name)
 	h.emit(events.EventSubject(events.KindVM, name), events.VMCreated{UID: vm.uid, Image: vm.image, CPU: vm.cpu,
-		MemoryMiB: vm.mem, Desired: vm.desired}, cmd, 0)
+		MemoryMiB: vm.mem, Desired: vm.desired, Net: vm.net}, cmd, 0)
 	h.placeVM(vm, cmd, 1)
 }
 
@@ -231,6 +241,7 @@ func (h *history) placeVM(vm *genVM, cmd string, index int) {
 	allocSeq := h.emit(events.EventSubject(events.KindHost, host.name), events.HostAllocated{VM: vm.name, UID: vm.uid,
 		CPU: vm.cpu, MemoryMiB: vm.mem}, cmd, index)
 	vm.host, vm.phase = host.name, events.PhasePlaced
+	h.bind(vm, cmd)
 	vm.incarnation = h.emit(events.EventSubject(events.KindVM, vm.name), events.VMPlaced{UID: vm.uid, Host: host.name,
 		AllocationSeq: allocSeq}, cmd, index+1)
 }
@@ -284,6 +295,7 @@ func (h *history) report() {
 		delete(host.used, vm.name)
 		h.emit(events.EventSubject(events.KindHost, host.name), events.HostReleased{VM: vm.name, UID: vm.uid,
 			Reason: events.AbsentDeleted}, "release-"+vm.uid, 0)
+		h.release(vm)
 		h.forget(vm)
 	}
 }

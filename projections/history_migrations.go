@@ -45,6 +45,8 @@ func (h *history) migrate() {
 	h.emit(events.ObservationSubject(to.name, events.KindVM, vm.name), events.VMMigrationReceived{UID: vm.uid, Incarnation: started, Migration: id,
 		TotalMillis: int64(h.rng.IntN(5000)), DowntimeMillis: int64(h.rng.IntN(300))}, "", 0)
 	h.emit(fromObs, events.VMMigrationSent{UID: vm.uid, Incarnation: started, Migration: id, Millis: int64(h.rng.IntN(5000))}, "", 0)
+	vm.host = to.name
+	h.bind(vm, end)
 	vm.incarnation = h.emit(on, events.VMMigrated{UID: vm.uid, Migration: id, From: from.name, To: to.name, AllocSeq: started - 1}, end, 0)
 	vm.host = to.name
 	delete(from.used, vm.name)

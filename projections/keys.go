@@ -37,6 +37,7 @@ var (
 	prefixHostAlloc  = []byte(version + "host-alloc/")
 	prefixHostOrphan = []byte(version + "host-orphan/")
 	prefixImage      = []byte(version + "image/")
+	prefixNet        = []byte(version + "net/")
 	prefixVM         = []byte(version + "vm/")
 	prefixVMByHost   = []byte(version + "vmhost/")
 	prefixCommand    = []byte(version + "cmd/")

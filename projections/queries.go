@@ -37,6 +37,8 @@ func (s *Store) AddQueryEndpoints(svc micro.Service) error {
 		{events.KindHost, events.VerbList, answerHosts},
 		{events.KindImage, events.VerbGet, answerImage},
 		{events.KindImage, events.VerbList, answerImages},
+		{events.KindNet, events.VerbGet, answerNet},
+		{events.KindNet, events.VerbList, answerNets},
 		{events.KindLease, events.VerbGet, answerLease},
 		{events.KindLease, events.VerbList, answerLeases},
 	}

@@ -39,6 +39,7 @@ var errConsumerStopped = errors.New("ordered consumer stopped")
 type runner struct {
 	hosts  *table[events.HostState]
 	images *table[events.ImageState]
+	nets   *table[events.NetState]
 	vms    *table[events.VMState]
 	leases *table[events.LeaseState]
 	enc    *encoder
@@ -53,6 +54,7 @@ func newRunner(s *Store) *runner {
 	r := &runner{
 		hosts:   newHostTable(limit),
 		images:  newTable(prefixImage, limit, blankImage, isBlankImage),
+		nets:    newTable(prefixNet, limit, blankNet, isBlankNet),
 		vms:     newTable(prefixVM, limit, blankVM, isBlankVM),
 		leases:  newLeaseTable(limit),
 		enc:     newEncoder(),

@@ -437,6 +437,8 @@ func newEvent(t testing.TB, typ events.Type) events.Event {
 		events.TypeVMMigrationFailed: &events.VMMigrationFailed{}, events.TypeVMMigrationCancelling: &events.VMMigrationCancelling{},
 		events.TypeVMMigrationReceived: &events.VMMigrationReceived{}, events.TypeVMMigrationSent: &events.VMMigrationSent{},
 		events.TypeVMMigrationAborted: &events.VMMigrationAborted{}, events.TypeHostAgentStarted: &events.HostAgentStarted{},
+		events.TypeNetCreated: &events.NetCreated{}, events.TypeNetAddressBound: &events.NetAddressBound{},
+		events.TypeNetAddressReleased: &events.NetAddressReleased{},
 	}
 	if len(known) != len(events.Types()) {
 		t.Fatalf("newEvent knows %d event types, events has %d: add the new ones", len(known), len(events.Types()))

@@ -20,6 +20,10 @@ var (
 	// ErrTryAgain means the stream cannot check sequences right now (a new
 	// leader catching up); retrying is safe.
 	ErrTryAgain = errors.New("stream busy, try again")
+	// ErrDuplicateInBatch means a message of an atomic batch carried a
+	// Nats-Msg-Id the stream already holds: an earlier attempt stored it.
+	// The batch stored nothing; what the earlier attempt stored stands.
+	ErrDuplicateInBatch = errors.New("batch repeats a stored message")
 )
 
 // HeaderExpectedLastSubjSeqSubject moves the expected-last-subject-sequence
@@ -103,6 +107,8 @@ func classify(err error) error {
 			return fmt.Errorf("%w: %w", ErrWrongLastSeq, err)
 		case 10163, 10158: // expected-sequence check temporarily unavailable; msg id in process
 			return fmt.Errorf("%w: %w", ErrTryAgain, err)
+		case 10201: // atomic publish batch contains duplicate message id
+			return fmt.Errorf("%w: %w", ErrDuplicateInBatch, err)
 		}
 	}
 	return err

@@ -21,6 +21,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"strconv"
 	"sync"
 	"time"
@@ -45,6 +46,9 @@ type Reader interface {
 	// Image is the named image: where its bytes are on the hosts, and
 	// how it boots, for the goal's domain spec.
 	Image(ctx context.Context, name string) (events.ImageState, events.Head, error)
+	// Net is the named virtual network, with each address's binding: the
+	// goal names the VM's address, its MAC and its segment.
+	Net(ctx context.Context, name string) (events.NetState, events.Head, error)
 }
 
 // Config configures a Dispatcher.
@@ -251,6 +255,13 @@ func (d *Dispatcher) dispatch(ctx context.Context, s *events.VMState) error {
 		if img.Registered && img.Source != "" {
 			goal.Spec.Disk = &events.ImageDisk{Source: img.Source, Format: img.Format, Boot: img.Boot}
 		}
+		if s.Net != "" {
+			addr, err := d.addressOf(ctx, s)
+			if err != nil {
+				return err
+			}
+			goal.Spec.Net = addr
+		}
 	}
 	if in, ok := events.IncomingGoalOf(s); ok {
 		in.Spec = goal.Spec
@@ -274,6 +285,23 @@ func (d *Dispatcher) dispatch(ctx context.Context, s *events.VMState) error {
 		}
 	}
 	return d.publish(ctx, goal)
+}
+
+// addressOf is the VM's address on its net, nil while it has none.
+func (d *Dispatcher) addressOf(ctx context.Context, s *events.VMState) (*events.NetAddress, error) {
+	n, _, err := d.cfg.Reader.Net(ctx, s.Net)
+	if err != nil {
+		return nil, fmt.Errorf("read net %s: %w", s.Net, err)
+	}
+	b, ok := n.BindingOf(s.UID)
+	if !ok {
+		return nil, nil
+	}
+	prefix, err := netip.ParsePrefix(n.CIDR)
+	if err != nil {
+		return nil, fmt.Errorf("net %s: %w", s.Net, err)
+	}
+	return &events.NetAddress{Net: s.Net, VNI: n.VNI, Addr: b.Addr, Prefix: prefix.Bits(), MAC: b.MAC}, nil
 }
 
 // leftGoal is the goal of a VM on the host it was moved off: absent, so

@@ -58,6 +58,10 @@ func (r *memReader) Image(_ context.Context, name string) (events.ImageState, ev
 	return r.images[name], events.Head{}, nil
 }
 
+func (r *memReader) Net(context.Context, string) (events.NetState, events.Head, error) {
+	return events.NetState{}, events.Head{}, nil
+}
+
 func (r *memReader) AllVMs(context.Context) ([]events.VMState, error) {
 	r.wait()
 	r.mu.Lock()

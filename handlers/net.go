@@ -1,0 +1,130 @@
+package handlers
+
+import (
+	"context"
+	"errors"
+
+	"github.com/loomctl/loom/events"
+)
+
+// Reasons an address is given back.
+const ReleaseVMGone = "vm-gone"
+
+func (s *Service) serveCreateNet(ctx context.Context, req *request) *events.Reply {
+	var cmd events.CreateNet
+	c, fault := s.decode(req, &cmd, &cmd.CommandMeta)
+	if fault != nil {
+		return failed(fault, nil)
+	}
+	return s.single(ctx, c, func(ctx context.Context) (stepResult, *events.Fault) {
+		return appendStep(ctx, s, s.nets, c, cmd.Name, stepOnly, events.TypeNetCreated, func(n *events.NetState) (events.Event, *events.Fault) {
+			return decideCreateNet(*n, &cmd)
+		})
+	})
+}
+
+// decideCreateNet creates a net; creating the same one again changes
+// nothing, another one of the same name is refused.
+func decideCreateNet(n events.NetState, cmd *events.CreateNet) (events.Event, *events.Fault) {
+	vni := cmd.VNI
+	if vni == 0 {
+		vni = events.VNIOf(cmd.Name)
+	}
+	switch {
+	case n.Created && n.CIDR == cmd.CIDR && n.VNI == vni:
+		return nil, nil
+	case n.Created:
+		return nil, events.Errorf(events.CodeNetExists, "net %s exists as %s, vni %d", cmd.Name, n.CIDR, n.VNI)
+	}
+	return events.NetCreated{CIDR: cmd.CIDR, VNI: vni}, nil
+}
+
+// decideBind binds VM incarnation uid's address to host, reached through
+// endpoint: the first binding allocates the lowest free address, later
+// ones move it. A binding already there changes nothing.
+func decideBind(n events.NetState, vm, uid, host, endpoint string) (events.Event, *events.Fault) {
+	if !n.Created {
+		return nil, events.Errorf(events.CodeNetNotFound, "no net %s", n.Name)
+	}
+	b, ok := n.BindingOf(uid)
+	if ok && b.Host == host && b.Endpoint == endpoint {
+		return nil, nil
+	}
+	if !ok {
+		addr, free := n.FreeAddr()
+		if !free {
+			return nil, events.Errorf(events.CodeNetFull, "net %s (%s) has no free address for vm %s", n.Name, n.CIDR, vm)
+		}
+		b = events.Binding{Addr: addr.String(), MAC: events.MACOf(uid)}
+	}
+	return events.NetAddressBound{Addr: b.Addr, MAC: b.MAC, VM: vm, UID: uid, Host: host, Endpoint: endpoint}, nil
+}
+
+// endpointOf is a host's tunnel endpoint, as its agent last said; empty
+// when it said none (its VMs' addresses are then not reachable from
+// other hosts, and the mapping says so).
+func (s *Service) endpointOf(ctx context.Context, host string) (string, *events.Fault) {
+	if _, fault := s.catchUp(ctx, events.ObservationSubject(host, events.KindHost, host)); fault != nil {
+		return "", fault
+	}
+	h, _, err := s.cfg.Reader.Host(ctx, host)
+	if err != nil {
+		return "", unavailable("read host "+host, err)
+	}
+	if h.Agent == nil {
+		return "", nil
+	}
+	return h.Agent.TunnelEndpoint, nil
+}
+
+// bindAddress binds vm's address on its net to host, as step index of
+// command c; a VM on no net has none.
+func (s *Service) bindAddress(ctx context.Context, c *command, vm, uid, net, host string) (stepResult, *events.Fault) {
+	if net == "" {
+		return stepResult{}, nil
+	}
+	endpoint, fault := s.endpointOf(ctx, host)
+	if fault != nil {
+		return stepResult{}, fault
+	}
+	return appendStep(ctx, s, s.nets, c, net, createStepAddress, events.TypeNetAddressBound, func(n *events.NetState) (events.Event, *events.Fault) {
+		return decideBind(*n, vm, uid, host, endpoint)
+	})
+}
+
+// releaseOrphanAddresses gives back the addresses whose VM incarnation is
+// gone (deleted and reported absent, or replaced by a new incarnation of
+// its name): only then can no domain still answer on them.
+func (s *Service) releaseOrphanAddresses(ctx context.Context, vms []events.VMState) error {
+	nets, err := s.cfg.Reader.Nets(ctx)
+	if err != nil {
+		return err
+	}
+	live := make(map[string]bool, len(vms))
+	for _, vm := range vms {
+		if vm.Phase != events.PhaseGone && vm.Phase != events.PhaseNone {
+			live[vm.UID] = true
+		}
+	}
+	var errs []error
+	for _, n := range nets {
+		for _, b := range n.Bindings {
+			if live[b.UID] {
+				continue
+			}
+			c := newCommand(schedulerActor, "release-address-"+b.UID, "", events.Origin{Time: s.cfg.Now()})
+			res, fault := appendStep(ctx, s, s.nets, c, n.Name, stepOnly, events.TypeNetAddressReleased, func(state *events.NetState) (events.Event, *events.Fault) {
+				if have, ok := state.BindingOf(b.UID); !ok || have.Addr != b.Addr {
+					return nil, nil
+				}
+				return events.NetAddressReleased{Addr: b.Addr, UID: b.UID, Reason: ReleaseVMGone}, nil
+			})
+			if fault != nil {
+				errs = append(errs, fault)
+			} else if res.appended != nil && !res.replayed {
+				s.log.Info("address released", "net", n.Name, "addr", b.Addr, keyVM, b.VM)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
