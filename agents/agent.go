@@ -107,6 +107,10 @@ type Config struct {
 	// "tcp:ADDRESS" (empty: libvirt's default, TCP to the host's name).
 	MigrateURI    string
 	MigrateListen string
+	// TunnelEndpoint is this host's address on the underlay, where the
+	// VXLAN traffic of its VMs' addresses arrives; other hosts send it
+	// there (the control plane maps each address to it).
+	TunnelEndpoint string
 	// AliveMarker, if set, is what a guest prints on its serial console
 	// once it is up: the agent reports progress until it shows, for at
 	// most BootTimeout (zero means DefaultBootTimeout).

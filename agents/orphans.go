@@ -184,7 +184,7 @@ func (a *Agent) reportAgentStarted(ctx context.Context) error {
 	if done {
 		return nil
 	}
-	ev := events.HostAgentStarted{Agent: a.id, StorageDir: a.cfg.StorageDir, MigrateURI: a.cfg.MigrateURI, MigrateListen: a.cfg.MigrateListen}
+	ev := events.HostAgentStarted{Agent: a.id, StorageDir: a.cfg.StorageDir, MigrateURI: a.cfg.MigrateURI, MigrateListen: a.cfg.MigrateListen, TunnelEndpoint: a.cfg.TunnelEndpoint}
 	if err := a.reportHost(ctx, ev); err != nil {
 		return err
 	}

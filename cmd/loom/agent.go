@@ -48,6 +48,7 @@ and never creates or changes streams.`,
 	cmd.Flags().StringVar(&cfg.StorageDir, "storage", "", "directory for the VMs' disks (qcow2 overlays on their images) and serial logs; empty: no disks (simulated hosts)")
 	cmd.Flags().StringVar(&cfg.MigrateURI, "migrate-uri", "", "this host's libvirtd as other hosts' daemons dial it for a live migration (e.g. qemu+tls://node-7/system); empty: this host receives no migration")
 	cmd.Flags().StringVar(&cfg.MigrateListen, "migrate-listen", "", "where this host's QEMU listens for a migration's memory and disk: unix:DIR or tcp:ADDRESS (empty: libvirt's default, TCP to the host's name)")
+	cmd.Flags().StringVar(&cfg.TunnelEndpoint, "tunnel-endpoint", "", "this host's address on the underlay, where other hosts send its VMs' VXLAN traffic")
 	cmd.Flags().StringVar(&cfg.AliveMarker, "alive-marker", "", "what a guest prints on its serial console once it is up; progress is reported until it shows")
 	cmd.Flags().StringVar(&cfg.FenceSocket, "fence-socket", "", "unixgram socket of this host's `loom fence`, told every fencing deadline (empty: no fencer)")
 	cmd.Flags().StringVar((*string)(&cfg.FencePolicy), "fence-policy", string(agents.FencePause), "what the deadline does to a running domain holding an exclusive lease: pause or destroy")

@@ -46,6 +46,7 @@ func newRoot() *cobra.Command {
 		newFenceCommand(),
 		newHostCommand(client),
 		newImageCommand(client),
+		newNetCommand(client),
 		newLeaseCommand(client),
 		newVMCommand(client),
 		newEventsCommand(client),

@@ -36,6 +36,7 @@ func newVMCommand(flags *clientFlags) *cobra.Command {
 	createCmd.Flags().IntVar(&create.MemoryMiB, "mem", 256, "memory, MiB")
 	createCmd.Flags().BoolVar(&create.Stopped, "stopped", false, "create without starting")
 	createCmd.Flags().StringVar((*string)(&create.OnHostLost), "on-host-lost", string(events.RestartElsewhere), "if its host is declared lost: restart (elsewhere, disk provisioned again from the image) or stop")
+	createCmd.Flags().StringVar(&create.Net, "net", "", "give the VM an address on this virtual network (loom net create)")
 	createCmd.Flags().DurationVar(&wait, "wait", 0, "wait up to this long for the VM to converge (e.g. --wait 30s)")
 
 	lifecycle := func(verb, short string) *cobra.Command {

@@ -1,0 +1,70 @@
+package main
+
+import (
+	"strconv"
+
+	"github.com/spf13/cobra"
+
+	"github.com/loomctl/loom/events"
+)
+
+func newNetCommand(flags *clientFlags) *cobra.Command {
+	cmd := &cobra.Command{Use: "net", Short: "Virtual networks: addresses that follow their VMs between hosts"}
+	flags.registerCommandFlags(cmd)
+	var create events.CreateNet
+	createCmd := &cobra.Command{
+		Use: "create NAME --cidr PREFIX", Short: "Create a virtual network (an IPv4 prefix, carried between hosts in a VXLAN segment)", Args: cobra.ExactArgs(1),
+		RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
+			create.Name, create.CommandID = args[0], c.newCommandID()
+			reply, err := c.command(cmd.Context(), events.KindNet, events.VerbCreate, &create)
+			if err != nil {
+				return err
+			}
+			return printReply(cmd.OutOrStdout(), flags.output, reply)
+		}),
+	}
+	createCmd.Flags().StringVar(&create.CIDR, "cidr", "", "the network's IPv4 prefix, e.g. 10.77.0.0/24 (/8 to /29)")
+	createCmd.Flags().Uint32Var(&create.VNI, "vni", 0, "its VXLAN segment id (default: derived from the name)")
+
+	get := &cobra.Command{
+		Use: "get NAME", Short: "Show a network and where each of its addresses is: the VM, its host, the host's tunnel endpoint", Args: cobra.ExactArgs(1),
+		RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
+			reply, err := c.query(cmd.Context(), events.KindNet, events.VerbGet, events.Query{Name: args[0]})
+			if err != nil {
+				return err
+			}
+			if flags.output == "json" {
+				return printJSON(cmd.OutOrStdout(), reply.Nets)
+			}
+			var rows [][]string
+			for _, n := range reply.Nets {
+				for _, b := range n.Bindings {
+					rows = append(rows, []string{n.Name, n.CIDR, strconv.FormatUint(uint64(n.VNI), 10), b.Addr, b.MAC, b.VM, b.Host, orDash(b.Endpoint)})
+				}
+				if len(n.Bindings) == 0 {
+					rows = append(rows, []string{n.Name, n.CIDR, strconv.FormatUint(uint64(n.VNI), 10), "-", "-", "-", "-", "-"})
+				}
+			}
+			return table(cmd.OutOrStdout(), []string{"NET", "CIDR", "VNI", "ADDRESS", "MAC", "VM", "HOST", "ENDPOINT"}, rows)
+		}),
+	}
+	list := &cobra.Command{
+		Use: "list", Short: "List networks", Args: cobra.NoArgs,
+		RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
+			reply, err := c.query(cmd.Context(), events.KindNet, events.VerbList, events.Query{})
+			if err != nil {
+				return err
+			}
+			if flags.output == "json" {
+				return printJSON(cmd.OutOrStdout(), reply.Nets)
+			}
+			rows := make([][]string, 0, len(reply.Nets))
+			for _, n := range reply.Nets {
+				rows = append(rows, []string{n.Name, n.CIDR, strconv.FormatUint(uint64(n.VNI), 10), strconv.Itoa(len(n.Bindings))})
+			}
+			return table(cmd.OutOrStdout(), []string{"NET", "CIDR", "VNI", "ADDRESSES"}, rows)
+		}),
+	}
+	cmd.AddCommand(createCmd, get, list)
+	return cmd
+}
