@@ -3,6 +3,7 @@ package libvirt
 import (
 	"encoding/xml"
 	"fmt"
+	"net"
 	"slices"
 	"strings"
 	"unicode/utf8"
@@ -45,6 +46,27 @@ type DomainSpec struct {
 	// SerialPath, if set, sends the guest's first serial port (and its
 	// console) to that file, appended to.
 	SerialPath string
+	// Interface, if set, gives the guest a virtio network card on a host
+	// bridge.
+	Interface *Interface
+}
+
+// Interface is a virtio network card whose tap device joins a host bridge
+// (<interface type='bridge'>). The bridge must exist when the domain
+// starts, and on the target host of a migration before it begins.
+type Interface struct {
+	// Bridge is the host bridge, a network device name (see Target).
+	Bridge string
+	// MAC is the card's address: a locally administered unicast MAC such
+	// as 52:54:00:12:34:56. It is required because the network outside
+	// the host (an overlay's forwarding entries) is keyed by it.
+	MAC string
+	// Target optionally names the tap device on the host; empty lets
+	// libvirt pick vnetN. A name must be unique among the network devices
+	// of the host (of its network namespace) and must not start with
+	// vnet, macvtap or macvlan: libvirt takes such names for its own and
+	// drops them.
+	Target string
 }
 
 // domainXML is the subset of libvirt's domain schema Loom writes.
@@ -87,9 +109,27 @@ type featuresXML struct {
 }
 
 type devicesXML struct {
-	Disks   []diskXML   `xml:"disk"`
-	Serials []serialXML `xml:"serial"`
-	Console *serialXML  `xml:"console,omitempty"`
+	Disks      []diskXML      `xml:"disk"`
+	Interfaces []interfaceXML `xml:"interface"`
+	Serials    []serialXML    `xml:"serial"`
+	Console    *serialXML     `xml:"console,omitempty"`
+}
+
+// interfaceXML is a virtio card on a host bridge.
+type interfaceXML struct {
+	Type   string `xml:"type,attr"`
+	Source struct {
+		Bridge string `xml:"bridge,attr"`
+	} `xml:"source"`
+	MAC struct {
+		Address string `xml:"address,attr"`
+	} `xml:"mac"`
+	Model struct {
+		Type string `xml:"type,attr"`
+	} `xml:"model"`
+	Target *struct {
+		Dev string `xml:"dev,attr"`
+	} `xml:"target,omitempty"`
 }
 
 // serialXML is a serial port or console written to a file.
@@ -176,6 +216,13 @@ func buildDomainXML(typ string, spec DomainSpec) (string, error) {
 		d.Devices.Disks = []diskXML{buildDisk(spec.DiskPath)}
 	}
 	d.OS.Kernel, d.OS.Initrd, d.OS.Cmdline = spec.Kernel, spec.Initrd, spec.Cmdline
+	if spec.Interface != nil {
+		nic, err := buildInterface(*spec.Interface)
+		if err != nil {
+			return "", err
+		}
+		d.Devices.Interfaces = []interfaceXML{nic}
+	}
 	if spec.SerialPath != "" {
 		serial := serialXML{Type: "file"}
 		serial.Source.Path, serial.Source.Append = spec.SerialPath, "on"
@@ -202,6 +249,56 @@ func buildDisk(path string) diskXML {
 	disk.Target.Dev = "vda"
 	disk.Target.Bus = "virtio"
 	return disk
+}
+
+// buildInterface renders a bridged virtio card, its MAC in canonical form.
+func buildInterface(spec Interface) (interfaceXML, error) {
+	nic := interfaceXML{Type: "bridge"}
+	if err := checkLinkName("interface bridge", spec.Bridge); err != nil {
+		return nic, err
+	}
+	mac, err := net.ParseMAC(spec.MAC)
+	switch {
+	case err != nil || len(mac) != 6:
+		return nic, fmt.Errorf("%w: interface MAC %q is not a 48-bit MAC address", ErrInvalidSpec, spec.MAC)
+	case mac[0]&1 != 0:
+		return nic, fmt.Errorf("%w: interface MAC %s is a multicast address", ErrInvalidSpec, mac)
+	case mac[0]&2 == 0:
+		// Globally administered addresses belong to hardware vendors.
+		return nic, fmt.Errorf("%w: interface MAC %s is not locally administered (set bit 0x02 of its first byte, as 52:54:00:... does)", ErrInvalidSpec, mac)
+	}
+	if spec.Target != "" {
+		if err := checkLinkName("interface target", spec.Target); err != nil {
+			return nic, err
+		}
+		for _, reserved := range []string{"vnet", "macvtap", "macvlan"} {
+			if strings.HasPrefix(spec.Target, reserved) {
+				return nic, fmt.Errorf("%w: interface target %q: libvirt keeps names starting with %s for itself", ErrInvalidSpec, spec.Target, reserved)
+			}
+		}
+		nic.Target = &struct {
+			Dev string `xml:"dev,attr"`
+		}{Dev: spec.Target}
+	}
+	nic.Source.Bridge = spec.Bridge
+	nic.MAC.Address = mac.String()
+	nic.Model.Type = "virtio"
+	return nic, nil
+}
+
+// checkLinkName checks a Linux network device name: 1-15 bytes (IFNAMSIZ
+// less its NUL) of [A-Za-z0-9._-], not "." or "..". The kernel allows more,
+// but not ':' or '/', and such names are never worth the quoting.
+func checkLinkName(what, name string) error {
+	if name == "" || len(name) > 15 || name == "." || name == ".." {
+		return fmt.Errorf("%w: %s %q must be a device name of 1-15 bytes", ErrInvalidSpec, what, name)
+	}
+	for i := 0; i < len(name); i++ {
+		if !nameByte(name[i]) {
+			return fmt.Errorf("%w: %s %q: byte %d is %q; allowed are A-Z a-z 0-9 . _ -", ErrInvalidSpec, what, name, i, name[i])
+		}
+	}
+	return nil
 }
 
 // buildMetadata renders Loom's key/values with keys sorted, or nil if empty.

@@ -132,6 +132,106 @@ func TestBuildDomainXML_KernelAndSerial(t *testing.T) {
 	}
 }
 
+// A bridged virtio card: the <interface> element both drivers take, with
+// the MAC in canonical form and the tap name only when one is asked for.
+func TestBuildDomainXML_Interface(t *testing.T) {
+	tests := []struct {
+		name string
+		nic  Interface
+		want string
+	}{
+		{
+			name: "libvirt names the tap",
+			nic:  Interface{Bridge: "loombr42", MAC: "52:54:00:0a:4d:05"},
+			want: `
+    <interface type="bridge">
+      <source bridge="loombr42"></source>
+      <mac address="52:54:00:0a:4d:05"></mac>
+      <model type="virtio"></model>
+    </interface>`,
+		},
+		{
+			name: "named tap, MAC in upper case",
+			nic:  Interface{Bridge: "br-0", MAC: "52:54:00:AB:CD:EF", Target: "loomtap.7"},
+			want: `
+    <interface type="bridge">
+      <source bridge="br-0"></source>
+      <mac address="52:54:00:ab:cd:ef"></mac>
+      <model type="virtio"></model>
+      <target dev="loomtap.7"></target>
+    </interface>`,
+		},
+		{
+			name: "dashes in the MAC",
+			nic:  Interface{Bridge: "b", MAC: "02-00-00-00-00-01"},
+			want: `
+      <mac address="02:00:00:00:00:01"></mac>`,
+		},
+	}
+	for _, typ := range []string{"test", "qemu"} {
+		for _, tc := range tests {
+			t.Run(typ+"/"+tc.name, func(t *testing.T) {
+				nic := tc.nic
+				got, err := buildDomainXML(typ, DomainSpec{Name: "a", DiskPath: "/d/a.qcow2", Interface: &nic})
+				if err != nil {
+					t.Fatalf("buildDomainXML: %v", err)
+				}
+				if !strings.Contains(got, tc.want) {
+					t.Fatalf("domain XML:\n%s\nwant it to contain:%s", got, tc.want)
+				}
+				// Between the disk and the serial ports, once.
+				if n := strings.Count(got, "<interface"); n != 1 || strings.Index(got, "<interface") < strings.Index(got, "</disk>") {
+					t.Fatalf("%d interfaces, or one before the disk:\n%s", n, got)
+				}
+			})
+		}
+	}
+	plain, err := buildDomainXML("qemu", DomainSpec{Name: "a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(plain, "<interface") {
+		t.Fatalf("a spec without an interface renders one:\n%s", plain)
+	}
+}
+
+func TestBuildDomainXML_InvalidInterface(t *testing.T) {
+	const mac = "52:54:00:00:00:01"
+	tests := []struct {
+		name    string
+		nic     Interface
+		wantErr string
+	}{
+		{name: "no bridge", nic: Interface{MAC: mac}, wantErr: "interface bridge"},
+		{name: "bridge too long", nic: Interface{Bridge: "loombr1234567890", MAC: mac}, wantErr: "1-15 bytes"},
+		{name: "bridge with a slash", nic: Interface{Bridge: "a/b", MAC: mac}, wantErr: `byte 1 is '/'`},
+		{name: "bridge with a quote", nic: Interface{Bridge: `a'b`, MAC: mac}, wantErr: "byte 1"},
+		{name: "bridge dot", nic: Interface{Bridge: ".", MAC: mac}, wantErr: "1-15 bytes"},
+		{name: "no MAC", nic: Interface{Bridge: "br0"}, wantErr: "not a 48-bit MAC"},
+		{name: "garbage MAC", nic: Interface{Bridge: "br0", MAC: "52:54:00:00:00"}, wantErr: "not a 48-bit MAC"},
+		{name: "EUI-64", nic: Interface{Bridge: "br0", MAC: "52:54:00:00:00:00:00:01"}, wantErr: "not a 48-bit MAC"},
+		{name: "multicast MAC", nic: Interface{Bridge: "br0", MAC: "53:54:00:00:00:01"}, wantErr: "multicast"},
+		{name: "broadcast MAC", nic: Interface{Bridge: "br0", MAC: "ff:ff:ff:ff:ff:ff"}, wantErr: "multicast"},
+		{name: "vendor MAC", nic: Interface{Bridge: "br0", MAC: "00:16:3e:00:00:01"}, wantErr: "not locally administered"},
+		{name: "target vnet", nic: Interface{Bridge: "br0", MAC: mac, Target: "vnet3"}, wantErr: "keeps names starting with vnet"},
+		{name: "target macvtap", nic: Interface{Bridge: "br0", MAC: mac, Target: "macvtap0"}, wantErr: "macvtap"},
+		{name: "target too long", nic: Interface{Bridge: "br0", MAC: mac, Target: "tap-0123456789ab"}, wantErr: "interface target"},
+		{name: "target with a space", nic: Interface{Bridge: "br0", MAC: mac, Target: "tap 1"}, wantErr: "interface target"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			nic := tc.nic
+			_, err := buildDomainXML("qemu", DomainSpec{Name: "a", Interface: &nic})
+			if !errors.Is(err, ErrInvalidSpec) {
+				t.Fatalf("buildDomainXML = %v, want ErrInvalidSpec", err)
+			}
+			if !strings.Contains(err.Error(), tc.wantErr) {
+				t.Fatalf("error %q, want it to mention %q", err, tc.wantErr)
+			}
+		})
+	}
+}
+
 func TestBuildDomainXML_Escaping(t *testing.T) {
 	hostile := `</loom:entry><evil a="1"/>&amp;'"` + "\t\n\r"
 	spec := DomainSpec{

@@ -1,15 +1,18 @@
 // Package libvirttest starts real, private libvirtd instances for tests, using
-// ops/libvirt/host.sh. It needs root and ops/libvirt/install.sh.
+// ops/libvirt/host.sh, and links their network namespaces (Underlay). It
+// needs root and ops/libvirt/install.sh.
 package libvirttest
 
 import (
 	"bytes"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -89,18 +92,27 @@ func repoRoot(t testing.TB) string {
 // finds it gone.
 func Kill(t testing.TB, socket string) {
 	t.Helper()
-	dir := filepath.Dir(filepath.Dir(socket))
-	data, err := os.ReadFile(filepath.Join(dir, "libvirtd.pid"))
+	pid, err := daemonPID(socket)
 	if err != nil {
 		t.Fatalf("kill libvirtd of %s: %v", socket, err)
-	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
-	if err != nil {
-		t.Fatalf("kill libvirtd of %s: pid file: %v", socket, err)
 	}
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		t.Fatalf("kill libvirtd %d: %v", pid, err)
 	}
+}
+
+// daemonPID reads the pid file of the libvirtd serving socket
+// (DIR/run/libvirt-sock, pid in DIR/libvirtd.pid).
+func daemonPID(socket string) (int, error) {
+	data, err := os.ReadFile(filepath.Join(filepath.Dir(filepath.Dir(socket)), "libvirtd.pid"))
+	if err != nil {
+		return 0, err
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
+	if err != nil {
+		return 0, fmt.Errorf("pid file: %w", err)
+	}
+	return pid, nil
 }
 
 // GuestDir is where Guest keeps the tiny guest between runs.
@@ -108,8 +120,10 @@ const GuestDir = "/var/cache/loom/guest"
 
 // Guest is the tiny guest Loom's QEMU tests boot (ops/qemu/guest.sh): a
 // directory holding vmlinuz, initrd.gz (a busybox init that prints
-// "loom-heartbeat N" on ttyS0 every second and powers off on ACPI) and
-// base.qcow2. It is built on first use; a failure fails the test.
+// "loom-heartbeat N" on ttyS0 every second, powers off on ACPI, and with
+// loom.ip=ADDR/PREFIX on the kernel command line brings eth0 up with that
+// address) and base.qcow2. It is built on first use, and rebuilt when
+// guest.sh's version changes; a failure fails the test.
 func Guest(t testing.TB) (dir string) {
 	t.Helper()
 	script := filepath.Join(repoRoot(t), "ops", "qemu", "guest.sh")
@@ -151,4 +165,111 @@ func SocketDir(t testing.TB) string {
 		t.Fatal(err)
 	}
 	return dir
+}
+
+// The underlay network Underlay builds.
+const (
+	// UnderlayBridge is the root network namespace's bridge all daemons'
+	// underlay links join. It is created on first use and left in place.
+	UnderlayBridge = "loomul0"
+	// UnderlayGateway is UnderlayBridge's own address: the root namespace
+	// reaches the daemons' endpoints through it.
+	UnderlayGateway = "10.250.0.1/16"
+	// UnderlayDevice is the underlay link inside a daemon's namespace.
+	UnderlayDevice = "ul0"
+	// UnderlayMTU leaves room for a VXLAN header (50 bytes) on top of
+	// 1500-byte frames.
+	UnderlayMTU = 1550
+)
+
+// Underlay links the network namespace of the libvirtd serving socket
+// (started by StartDaemon, whose namespace has only lo) to the other
+// daemons' namespaces and to the root namespace, as hosts are linked by
+// their network: a veth pair with the root end (loomul0-INDEX) on
+// UnderlayBridge and the other end in the daemon's namespace, named
+// UnderlayDevice, up, with address 10.250.1.INDEX/16 (INDEX is the
+// daemon's index). It returns that address, the device's name, and the
+// command prefix (nsenter) that runs a command in the daemon's network
+// namespace. Both ends are removed in t.Cleanup; UnderlayBridge stays.
+// Call it once per daemon.
+func Underlay(t testing.TB, socket string) (endpoint netip.Addr, dev string, prefix []string) {
+	t.Helper()
+	pid, err := daemonPID(socket)
+	if err != nil {
+		t.Fatalf("underlay for %s: %v", socket, err)
+	}
+	index, err := daemonIndex(socket)
+	if err != nil {
+		t.Fatalf("underlay for %s: %v", socket, err)
+	}
+	endpoint = netip.AddrFrom4([4]byte{10, 250, 1, byte(index)})
+	prefix = []string{"nsenter", "-t", strconv.Itoa(pid), "-n"}
+	port := fmt.Sprintf("%s-%d", UnderlayBridge, index)
+	mtu := strconv.Itoa(UnderlayMTU)
+
+	ensureUnderlayBridge(t)
+	if exec.Command("ip", "link", "show", "dev", port).Run() == nil {
+		// Left by a test binary that died; its daemon has the same index.
+		runIP(t, nil, "link", "del", port)
+	}
+	runIP(t, nil, "link", "add", port, "mtu", mtu, "type", "veth", "peer", "name", UnderlayDevice, "mtu", mtu,
+		"netns", strconv.Itoa(pid))
+	t.Cleanup(func() {
+		// Deleting one end deletes both; the namespace may be gone already.
+		if exec.Command("ip", "link", "show", "dev", port).Run() == nil {
+			if out, err := exec.Command("ip", "link", "del", port).CombinedOutput(); err != nil {
+				t.Errorf("remove underlay link %s: %v: %s", port, err, out)
+			}
+		}
+	})
+	runIP(t, nil, "link", "set", port, "master", UnderlayBridge, "up")
+	runIP(t, prefix, "addr", "add", endpoint.String()+"/16", "dev", UnderlayDevice)
+	runIP(t, prefix, "link", "set", UnderlayDevice, "up")
+	return endpoint, UnderlayDevice, prefix
+}
+
+// ensureUnderlayBridge creates UnderlayBridge with its address, or finds
+// it; test binaries of other packages may do the same at the same time.
+func ensureUnderlayBridge(t testing.TB) {
+	t.Helper()
+	if exec.Command("ip", "link", "show", "dev", UnderlayBridge).Run() != nil {
+		out, err := exec.Command("ip", "link", "add", UnderlayBridge, "mtu", strconv.Itoa(UnderlayMTU), "type", "bridge").CombinedOutput()
+		if err != nil && exec.Command("ip", "link", "show", "dev", UnderlayBridge).Run() != nil {
+			t.Fatalf("create %s: %v: %s", UnderlayBridge, err, out)
+		}
+	}
+	runIP(t, nil, "addr", "replace", UnderlayGateway, "dev", UnderlayBridge)
+	runIP(t, nil, "link", "set", UnderlayBridge, "up")
+}
+
+// runIP runs ip with args behind prefix, failing the test on an error.
+func runIP(t testing.TB, prefix []string, args ...string) {
+	t.Helper()
+	argv := append(append(append([]string(nil), prefix...), "ip"), args...)
+	if out, err := exec.Command(argv[0], argv[1:]...).CombinedOutput(); err != nil {
+		t.Fatalf("%s: %v: %s", strings.Join(argv, " "), err, out)
+	}
+}
+
+// hostUUIDIndex finds the index host.sh wrote into a daemon's host_uuid
+// (%08x-0000-4000-8000-%012x, the index twice).
+var hostUUIDIndex = regexp.MustCompile(`(?m)^host_uuid = "([0-9a-f]{8})-0000-4000-8000-`)
+
+// daemonIndex reads back the index the daemon serving socket was started
+// with, from its libvirtd.conf.
+func daemonIndex(socket string) (int, error) {
+	conf := filepath.Join(filepath.Dir(filepath.Dir(socket)), "libvirtd.conf")
+	data, err := os.ReadFile(conf)
+	if err != nil {
+		return 0, err
+	}
+	m := hostUUIDIndex.FindSubmatch(data)
+	if m == nil {
+		return 0, fmt.Errorf("%s: no host_uuid written by host.sh", conf)
+	}
+	index, err := strconv.ParseUint(string(m[1]), 16, 8)
+	if err != nil {
+		return 0, fmt.Errorf("%s: host_uuid: %w", conf, err)
+	}
+	return int(index), nil
 }
