@@ -111,6 +111,9 @@ type Config struct {
 	// VXLAN traffic of its VMs' addresses arrives; other hosts send it
 	// there (the control plane maps each address to it).
 	TunnelEndpoint string
+	// Overlay, with TunnelEndpoint, makes the agent program this host's
+	// side of every virtual network (netmap.go); nil programs none.
+	Overlay *OverlayConfig
 	// AliveMarker, if set, is what a guest prints on its serial console
 	// once it is up: the agent reports progress until it shows, for at
 	// most BootTimeout (zero means DefaultBootTimeout).
@@ -329,6 +332,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		work.Go(func() error { return a.followGoals(ctx) })
 		work.Go(func() error { return a.resyncLoop(ctx) })
 		work.Go(func() error { return a.fenceLoop(ctx) })
+		work.Go(func() error { return a.followNets(ctx) })
 		return work.Wait()
 	})
 	return g.Wait()

@@ -3,6 +3,7 @@ package agents
 import (
 	"context"
 	"errors"
+	"strings"
 	"time"
 
 	"github.com/loomctl/loom/agents/libvirt"
@@ -276,7 +277,16 @@ func (a *Agent) execute(ctx context.Context, hv Hypervisor, goal events.Goal, uu
 			if err != nil {
 				return err
 			}
-			err = hv.Define(ctx, a.domainSpecOn(goal, uuid, disk))
+			spec := a.domainSpecOn(goal, uuid, disk)
+			card, err := a.netInterface(ctx, goal)
+			if err != nil {
+				return err
+			}
+			if card != nil {
+				spec.Interface = &libvirt.Interface{Bridge: card.bridge, MAC: card.mac}
+				spec.Cmdline = strings.TrimSpace(spec.Cmdline + " " + card.cmdline)
+			}
+			err = hv.Define(ctx, spec)
 			a.metrics.action(s, err)
 			if err != nil {
 				return err
