@@ -90,6 +90,10 @@ func TestMigrate_Handoff(t *testing.T) {
 	if after, _, _ := r.reader.VM(ctx, "web"); after.Host != m.From {
 		t.Fatal("moved before the source said it sent the domain")
 	}
+	sync()
+	if n, _, _ := r.reader.Net(ctx, "blue"); len(n.Bindings) != 1 || n.Bindings[0].Host != m.To {
+		t.Fatalf("the address does not lead to where the guest runs once the target said so: %+v", n.Bindings)
+	}
 	report(t, r, m.From, "web", events.VMMigrationSent{UID: vm.UID, Incarnation: vm.Incarnation, Migration: m.ID, Millis: 3100, Leases: vm.Leases})
 	sync()
 	if err := r.svc.advanceMigration(ctx, "web"); err != nil {
