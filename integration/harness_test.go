@@ -17,6 +17,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/loomctl/loom/agents"
 	lv "github.com/loomctl/loom/agents/libvirt"
 	"github.com/loomctl/loom/agents/libvirt/libvirttest"
 	"github.com/loomctl/loom/cmd/loom/plane"
@@ -54,6 +55,10 @@ type host struct {
 	// migrateListen overrides where the agent says its QEMU listens, to
 	// make migrations to the host fail.
 	migrateListen string
+	// endpoint is the host's underlay address, and netns the command
+	// prefix that runs a command in its network namespace (QEMU hosts).
+	endpoint, underlay string
+	netns              []string
 }
 
 // part is something the harness runs and can stop and start again.
@@ -164,6 +169,8 @@ func startFleet(t *testing.T, qemu bool, daemonIndexes ...int) *fleet {
 		h := &host{name: name, socket: socket, virt: virt}
 		if qemu {
 			h.storage, h.sockets = libvirttest.VMDir(t), libvirttest.SocketDir(t)
+			endpoint, dev, prefix := libvirttest.Underlay(t, socket)
+			h.endpoint, h.netns, h.underlay = endpoint.String(), prefix, dev
 		}
 		f.hosts[name] = h
 		f.startAgent(name)
@@ -209,6 +216,7 @@ func (f *fleet) startAgent(name string) {
 		if h.migrateListen != "" {
 			cfg.MigrateListen = h.migrateListen
 		}
+		cfg.TunnelEndpoint, cfg.Overlay = h.endpoint, &agents.OverlayConfig{Underlay: h.underlay, Prefix: h.netns}
 	}
 	h.agent = run(func(ctx context.Context) error {
 		return plane.RunAgent(ctx, f.conn, cfg, f.log.With("agent", name))
@@ -279,6 +287,8 @@ func setCommandID(body any, id string) {
 	case *events.ScheduleCheckpoints:
 		c.CommandID = or(c.CommandID, id)
 	case *events.MigrateVM:
+		c.CommandID = or(c.CommandID, id)
+	case *events.CreateNet:
 		c.CommandID = or(c.CommandID, id)
 	}
 }

@@ -6,8 +6,10 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -40,7 +42,8 @@ func waitMigrationEnded(t *testing.T, f *fleet, vm string, reply *events.Reply) 
 // history tells the story in order.
 func TestMigrate_QEMULiveMigration(t *testing.T) {
 	f := newQEMUFleet(t, 34, 35)
-	reply := f.mustCommand(events.KindVM, events.VerbCreate, &events.CreateVM{Name: "web", Image: "tiny", CPU: 1, MemoryMiB: 128})
+	f.mustCommand(events.KindNet, events.VerbCreate, &events.CreateNet{Name: "blue", CIDR: "10.77.0.0/24", VNI: 77})
+	reply := f.mustCommand(events.KindVM, events.VerbCreate, &events.CreateVM{Name: "web", Image: "tiny", CPU: 1, MemoryMiB: 128, Net: "blue"})
 	vm := f.converged("web", reply.LastSeq())
 	source := vm.Host
 	target := map[string]string{"host-1": "host-2", "host-2": "host-1"}[source]
@@ -50,6 +53,14 @@ func TestMigrate_QEMULiveMigration(t *testing.T) {
 			return fmt.Errorf("%d heartbeats", n)
 		}
 		return nil
+	})
+	// The guest took its address, and the other host sends it there.
+	if data, _ := os.ReadFile(serial); !strings.Contains(string(data), "loom-net eth0 10.77.0.2") {
+		t.Fatalf("the guest did not configure its address:\n%s", data)
+	}
+	mac := events.MACOf(vm.UID)
+	waitFor(t, 30*time.Second, "the address's entry on "+target, func() error {
+		return overlayEntry(t, f.hosts[target], 77, "10.77.0.2", mac, f.hosts[source].endpoint)
 	})
 
 	// The target's QEMU cannot listen where its agent says: the migration
@@ -116,6 +127,14 @@ func TestMigrate_QEMULiveMigration(t *testing.T) {
 		}
 		return nil
 	})
+	// The address moved with it: the host it left sends to the target
+	// now, and the target, where it is local, holds no entry for it.
+	waitFor(t, 30*time.Second, "the address's entry on "+source, func() error {
+		return overlayEntry(t, f.hosts[source], 77, "10.77.0.2", mac, f.hosts[target].endpoint)
+	})
+	if err := overlayEntry(t, f.hosts[target], 77, "10.77.0.2", mac, ""); err == nil || !strings.Contains(err.Error(), "no forwarding entry") {
+		t.Fatalf("%s, where the vm now runs, still tunnels its address: %v", target, err)
+	}
 	for _, l := range moved.Leases {
 		if l.Epoch <= vm.Incarnation {
 			t.Errorf("lease %+v was not granted again for the target", l)
@@ -155,4 +174,28 @@ func TestMigrate_QEMULiveMigration(t *testing.T) {
 	if !slices.Equal(story, want) {
 		t.Fatalf("the migrations of web:\n got %v\nwant %v", story, want)
 	}
+}
+
+// overlayEntry checks that host sends addr (of mac) through the VXLAN
+// device of vni to endpoint: a permanent neighbour entry and a forwarding
+// entry, read from the kernel in the host's network namespace.
+func overlayEntry(t *testing.T, h *host, vni int, addr, mac, endpoint string) error {
+	t.Helper()
+	dev := fmt.Sprintf("loomvx%d", vni)
+	run := func(args ...string) string {
+		out, err := exec.Command(h.netns[0], append(slices.Clone(h.netns[1:]), args...)...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("%v: %v\n%s", args, err, out)
+		}
+		return string(out)
+	}
+	neigh := run("ip", "neigh", "show", "dev", dev)
+	fdb := run("bridge", "fdb", "show", "dev", dev)
+	if !strings.Contains(fdb, mac+" dst "+endpoint) || endpoint == "" {
+		return fmt.Errorf("no forwarding entry %s dst %s on %s's %s:\n%s", mac, endpoint, h.name, dev, fdb)
+	}
+	if !strings.Contains(neigh, addr+" lladdr "+mac) {
+		return fmt.Errorf("no neighbour entry %s -> %s on %s's %s:\n%s", addr, mac, h.name, dev, neigh)
+	}
+	return nil
 }

@@ -48,8 +48,10 @@ type AgentConfig struct {
 	// ("unix:DIR" or "tcp:ADDRESS"); without MigrateURI the host receives
 	// no migration.
 	MigrateURI, MigrateListen string
-	// TunnelEndpoint is the host's underlay address for VXLAN.
+	// TunnelEndpoint is the host's underlay address for VXLAN; with
+	// Overlay the agent programs the host's side of every net.
 	TunnelEndpoint string
+	Overlay        *agents.OverlayConfig
 }
 
 // RunAgent runs a host agent until ctx ends. It dials libvirtd again
@@ -83,7 +85,7 @@ func RunAgent(ctx context.Context, conn *Connection, cfg AgentConfig, log *slog.
 		FenceSocket: cfg.FenceSocket, FencePolicy: cfg.FencePolicy,
 		ClockRate: cfg.ClockRate, Unsafe: cfg.Unsafe,
 		StorageDir: cfg.StorageDir, AliveMarker: cfg.AliveMarker,
-		MigrateURI: cfg.MigrateURI, MigrateListen: cfg.MigrateListen, TunnelEndpoint: cfg.TunnelEndpoint,
+		MigrateURI: cfg.MigrateURI, MigrateListen: cfg.MigrateListen, TunnelEndpoint: cfg.TunnelEndpoint, Overlay: cfg.Overlay,
 		Now:    func() time.Time { return time.Now().Add(cfg.ClockOffset) },
 		Logger: log,
 	})
