@@ -204,3 +204,38 @@ func VNIOf(name string) uint32 {
 	sum := sha256.Sum256([]byte("vni\x00" + name))
 	return 1 + (uint32(sum[0])<<16|uint32(sum[1])<<8|uint32(sum[2]))%(MaxVNI-1)
 }
+
+// A host port is a host's own address on a net: its bridge answers on it,
+// so that the host can reach the net's VMs (a gateway, a probe). Its
+// binding's UID is PortUID(host) and its VM empty; it stays until the
+// host detaches it.
+const portPrefix = "port:"
+
+// PortUID is the binding UID of host's port on a net.
+func PortUID(host string) string { return portPrefix + host }
+
+// IsPort tells whether a binding UID is a host port's.
+func IsPort(uid string) bool {
+	return len(uid) > len(portPrefix) && uid[:len(portPrefix)] == portPrefix
+}
+
+// AttachNet gives a host a port on a net: an address of its own there.
+type AttachNet struct {
+	CommandMeta `msgpack:",inline"`
+	Net         string `msgpack:"net" json:"net"`
+	Host        string `msgpack:"host" json:"host"`
+}
+
+// VerbAttach gives a host a port on a net.
+const VerbAttach = "attach"
+
+// Validate checks an AttachNet's arguments.
+func (c *AttachNet) Validate() error {
+	if err := ValidateName("net", c.Net); err != nil {
+		return err
+	}
+	if err := ValidateName("host", c.Host); err != nil {
+		return err
+	}
+	return c.CommandMeta.Validate()
+}

@@ -80,6 +80,7 @@ var commandSamples = map[string]any{
 	CommandSubject(KindHost, VerbCordon):         CordonHost{CommandMeta: CommandMeta{CommandID: "c2"}, Name: "h1", Reason: "maintenance"},
 	CommandSubject(KindImage, VerbRegister):      RegisterImage{CommandMeta: CommandMeta{CommandID: "c3"}, Name: "demo", Format: "qcow2", SizeBytes: 1 << 30},
 	CommandSubject(KindVM, VerbCreate):           CreateVM{CommandMeta: CommandMeta{CommandID: "c4"}, Name: "web-1", Image: "demo", CPU: 1, MemoryMiB: 256, Net: "blue"},
+	CommandSubject(KindNet, VerbAttach):          AttachNet{CommandMeta: CommandMeta{CommandID: "c15"}, Net: "blue", Host: "h1"},
 	CommandSubject(KindNet, VerbCreate):          CreateNet{CommandMeta: CommandMeta{CommandID: "c14"}, Name: "blue", CIDR: "10.77.0.0/24", VNI: 42},
 	CommandSubject(KindVM, "lifecycle"):          VMCommand{CommandMeta: CommandMeta{CommandID: "c5"}, Name: "web-1"},
 	CommandSubject(KindLease, VerbAcquire):       AcquireLease{CommandMeta: CommandMeta{CommandID: "c6"}, Resource: "disk/web-1", Mode: LeaseExclusive, LeaseHolder: LeaseHolder{ID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", VM: "web-1", Host: "h1"}},

@@ -23,6 +23,26 @@ func (s *Service) serveCreateNet(ctx context.Context, req *request) *events.Repl
 	})
 }
 
+// serveAttachNet gives a host a port on a net: an address of its own,
+// answered by its bridge, through which it reaches the net's VMs.
+func (s *Service) serveAttachNet(ctx context.Context, req *request) *events.Reply {
+	var cmd events.AttachNet
+	c, fault := s.decode(req, &cmd, &cmd.CommandMeta)
+	if fault != nil {
+		return failed(fault, nil)
+	}
+	return s.single(ctx, c, func(ctx context.Context) (stepResult, *events.Fault) {
+		h, _, err := s.cfg.Reader.Host(ctx, cmd.Host)
+		if err != nil {
+			return stepResult{}, unavailable("read host "+cmd.Host, err)
+		}
+		if !h.Registered {
+			return stepResult{}, events.Errorf(events.CodeHostNotFound, "no host %s", cmd.Host)
+		}
+		return s.bindAddressAt(ctx, c, stepOnly, "", events.PortUID(cmd.Host), cmd.Net, cmd.Host)
+	})
+}
+
 // decideCreateNet creates a net; creating the same one again changes
 // nothing, another one of the same name is refused.
 func decideCreateNet(n events.NetState, cmd *events.CreateNet) (events.Event, *events.Fault) {
@@ -77,17 +97,22 @@ func (s *Service) endpointOf(ctx context.Context, host string) (string, *events.
 	return h.Agent.TunnelEndpoint, nil
 }
 
-// bindAddress binds vm's address on its net to host, as step index of
-// command c; a VM on no net has none.
+// bindAddress binds vm's address on its net to host, as the address step
+// of command c; a VM on no net has none.
 func (s *Service) bindAddress(ctx context.Context, c *command, vm, uid, net, host string) (stepResult, *events.Fault) {
 	if net == "" {
 		return stepResult{}, nil
 	}
+	return s.bindAddressAt(ctx, c, createStepAddress, vm, uid, net, host)
+}
+
+// bindAddressAt binds uid's address on net to host as step index of c.
+func (s *Service) bindAddressAt(ctx context.Context, c *command, index int, vm, uid, net, host string) (stepResult, *events.Fault) {
 	endpoint, fault := s.endpointOf(ctx, host)
 	if fault != nil {
 		return stepResult{}, fault
 	}
-	return appendStep(ctx, s, s.nets, c, net, createStepAddress, events.TypeNetAddressBound, func(n *events.NetState) (events.Event, *events.Fault) {
+	return appendStep(ctx, s, s.nets, c, net, index, events.TypeNetAddressBound, func(n *events.NetState) (events.Event, *events.Fault) {
 		return decideBind(*n, vm, uid, host, endpoint)
 	})
 }
@@ -109,7 +134,7 @@ func (s *Service) releaseOrphanAddresses(ctx context.Context, vms []events.VMSta
 	var errs []error
 	for _, n := range nets {
 		for _, b := range n.Bindings {
-			if live[b.UID] {
+			if live[b.UID] || events.IsPort(b.UID) {
 				continue
 			}
 			c := newCommand(schedulerActor, "release-address-"+b.UID, "", events.Origin{Time: s.cfg.Now()})

@@ -56,11 +56,19 @@ func TestNet_AddressesFollowVMs(t *testing.T) {
 	if _, ok := n.BindingOf(vm.UID); ok {
 		t.Fatalf("the address of a gone vm was kept: %+v", n.Bindings)
 	}
+	// A host's port holds an address of its own, which no pass gives back.
+	must(t, r.nc, events.KindNet, events.VerbAttach, &events.AttachNet{CommandMeta: events.CommandMeta{CommandID: "p1"}, Net: "blue", Host: "h2"})
+	expectCodeKind(t, r, events.KindNet, events.VerbAttach, &events.AttachNet{CommandMeta: events.CommandMeta{CommandID: "p2"}, Net: "blue", Host: "h9"}, events.CodeHostNotFound)
+	reconcile(t, b, r)
+	n, _, _ = r.reader.Net(ctx, "blue")
+	if port, ok := n.BindingOf(events.PortUID("h2")); !ok || port.Host != "h2" || port.VM != "" || port.Addr != "10.77.0.2" {
+		t.Fatalf("h2's port: %+v (%v)", port, ok)
+	}
 	createVM(t, b, r, "cache", func(c *events.CreateVM) { c.Net = "blue"; c.CommandID = "c3" })
 	cache, _, _ := r.reader.VM(ctx, "cache")
 	n, _, _ = r.reader.Net(ctx, "blue")
-	if b, _ := n.BindingOf(cache.UID); b.Addr != "10.77.0.2" {
-		t.Fatalf("the freed address was not given again: %+v", b)
+	if b, _ := n.BindingOf(cache.UID); b.Addr != "10.77.0.4" {
+		t.Fatalf("the next vm got %+v: want the lowest free address, after the port", b)
 	}
 }
 

@@ -277,6 +277,7 @@ func (s *Service) AddEndpoints(svc micro.Service) error {
 		{events.KindVM, events.VerbSchedule, s.serveSchedule},
 		{events.KindVM, events.VerbMigrate, s.serveMigrate},
 		{events.KindNet, events.VerbCreate, s.serveCreateNet},
+		{events.KindNet, events.VerbAttach, s.serveAttachNet},
 		{events.KindLease, events.VerbAcquire, s.serveAcquire},
 		{events.KindLease, events.VerbRelease, s.serveRelease},
 		{events.KindLease, events.VerbBreak, s.serveBreak},

@@ -65,6 +65,19 @@ func newNetCommand(flags *clientFlags) *cobra.Command {
 			return table(cmd.OutOrStdout(), []string{"NET", "CIDR", "VNI", "ADDRESSES"}, rows)
 		}),
 	}
-	cmd.AddCommand(createCmd, get, list)
+	var attach events.AttachNet
+	attachCmd := &cobra.Command{
+		Use: "attach NET --host HOST", Short: "Give a host a port on a net: an address of its own there, on its bridge (a gateway, a probe)", Args: cobra.ExactArgs(1),
+		RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
+			attach.Net, attach.CommandID = args[0], c.newCommandID()
+			reply, err := c.command(cmd.Context(), events.KindNet, events.VerbAttach, &attach)
+			if err != nil {
+				return err
+			}
+			return printReply(cmd.OutOrStdout(), flags.output, reply)
+		}),
+	}
+	attachCmd.Flags().StringVar(&attach.Host, "host", "", "the host")
+	cmd.AddCommand(createCmd, attachCmd, get, list)
 	return cmd
 }
