@@ -193,3 +193,29 @@ func slicesEqual(a, b []events.LeaseEpoch) bool {
 	}
 	return true
 }
+
+// A migration is refused, with its own code, to a host that is cordoned
+// (or lost), has no room, is the VM's own, or cannot receive; and while
+// the VM is stopped.
+func TestMigrate_RefusesBadTargets(t *testing.T) {
+	b, r, _ := schedulerFixture(t)
+	registerHost(t, r.nc, "tiny", 1, 64)
+	createVM(t, b, r, "web")
+	ctx := context.Background()
+	vm, _, _ := r.reader.VM(ctx, "web")
+	other := map[string]string{"h1": "h2", "h2": "h1"}[vm.Host]
+	for _, h := range []string{other, "tiny"} {
+		agentStarted(t, r, h)
+	}
+	migrate := func(id, to string) *events.MigrateVM {
+		return &events.MigrateVM{CommandMeta: events.CommandMeta{CommandID: id}, Name: "web", To: to}
+	}
+	expectCode(t, r, events.VerbMigrate, migrate("m1", "tiny"), events.CodeNoCapacity)
+	expectCode(t, r, events.VerbMigrate, migrate("m2", "nowhere"), events.CodeHostNotFound)
+	must(t, r.nc, events.KindHost, events.VerbCordon, &events.CordonHost{CommandMeta: events.CommandMeta{CommandID: "cordon"}, Name: other, Reason: "maintenance"})
+	expectCode(t, r, events.VerbMigrate, migrate("m3", other), events.CodeHostUnavailable)
+	expectCode(t, r, events.VerbMigrate, migrate("m4", ""), events.CodeNoCapacity) // the scheduler finds none either
+	must(t, r.nc, events.KindVM, events.VerbStop, vmCmd("web", "stop"))
+	expectCode(t, r, events.VerbMigrate, migrate("m5", other), events.CodeVMNotRunning)
+	expectCode(t, r, events.VerbMigrate, &events.MigrateVM{CommandMeta: events.CommandMeta{CommandID: "m6"}, Name: "web", Cancel: true}, events.CodeNoMigration)
+}
