@@ -118,6 +118,13 @@ func TestCLI_UpCreateGetTail(t *testing.T) {
 	if !order.MatchString(story) {
 		t.Fatalf("events tail does not tell the story:\n%s\nall of it:\n%s", story, loom("events", "tail", "--no-follow"))
 	}
+	// One VM's whole history: its decisions and its host's reports, and
+	// nothing of any other subject.
+	history := loom("events", "history", "vm/web-1")
+	if !regexp.MustCompile(`(?s)vm\.created .*vm\.placed .*vm\.observed`).MatchString(history) ||
+		strings.Contains(history, "host.allocated") || strings.Contains(history, "lease.granted") {
+		t.Fatalf("events history vm/web-1:\n%s", history)
+	}
 
 	// What an operator's probes see.
 	if body := httpGet(t, "http://"+httpAddr+"/readyz"); !strings.HasPrefix(body, "ready: read models at ") {

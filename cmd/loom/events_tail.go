@@ -9,6 +9,7 @@ import (
 	"io"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -27,6 +28,8 @@ type tailFlags struct {
 	actor    string
 	noFollow bool
 	json     bool
+	// subjects, if set, are the only subjects read (history).
+	subjects []string
 }
 
 func newEventsCommand(flags *clientFlags) *cobra.Command {
@@ -50,7 +53,27 @@ func newEventsCommand(flags *clientFlags) *cobra.Command {
 	tail.Flags().StringVar(&tf.actor, "actor", "", "only events by this actor")
 	tail.Flags().BoolVar(&tf.noFollow, "no-follow", false, "stop at the end of the history instead of following")
 	tail.Flags().BoolVar(&tf.json, "json", false, "JSON lines, one event per line (the same as -o json)")
-	cmd.AddCommand(tail)
+	var hf tailFlags
+	history := &cobra.Command{
+		Use:   "history KIND/ID",
+		Short: "Print the whole history of one aggregate (vm/web, host/node-7, image/tiny, net/blue), decisions and its hosts' reports, in order",
+		Args:  cobra.ExactArgs(1),
+		RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
+			kind, id, ok := strings.Cut(args[0], "/")
+			if !ok || events.ValidateName(kind, id) != nil || kind == "" {
+				return events.Errorf(events.CodeInvalidArgument, "%q: want KIND/ID, e.g. vm/web", args[0])
+			}
+			if hf.json {
+				c.flags.output = "json"
+			}
+			hf.from, hf.noFollow = "1", true
+			hf.subjects = []string{events.EventSubject(events.Kind(kind), id), events.ObservationSubject("*", events.Kind(kind), id)}
+			return tailEvents(cmd.Context(), c, hf, cmd.OutOrStdout())
+		}),
+	}
+	history.Flags().StringSliceVar(&hf.types, "type", nil, "only events of these types")
+	history.Flags().BoolVar(&hf.json, "json", false, "JSON lines, one event per line (the same as -o json)")
+	cmd.AddCommand(tail, history)
 	return cmd
 }
 
@@ -83,6 +106,7 @@ func tailEvents(ctx context.Context, c *client, tf tailFlags, w io.Writer) error
 			return events.Errorf(events.CodeInvalidArgument, "--from %q: want a sequence number or an RFC 3339 time", tf.from)
 		}
 	}
+	cfg.FilterSubjects = tf.subjects
 	var onHost *hostFilter
 	if tf.host != "" {
 		cfg.FilterSubjects = []string{events.HostObservations(tf.host), events.EventSubject(events.KindHost, tf.host),
