@@ -16,7 +16,8 @@ import (
 // Virtual networks on this host. An agent with a tunnel endpoint follows
 // the nets' events (every binding of an address to a VM, its host and the
 // host's endpoint) and keeps, for each net, a bridge and a VXLAN device
-// here, with a forwarding entry per address of the VMs on other hosts.
+// here, with a forwarding entry per address of the VMs (and host ports) on
+// other hosts, and the host's own port, if it has one, on the bridge.
 // When a VM moves, its address's binding moves in the append that records
 // the move, and every host's entries follow.
 
@@ -109,13 +110,17 @@ func (a *Agent) consumeNets(ctx context.Context) error {
 }
 
 // programNet makes this host's side of net n what its bindings say: the
-// bridge and VXLAN device, and an entry for each address on another host.
+// bridge and VXLAN device, the host's port on the bridge, and an entry
+// for each address on another host.
 func (a *Agent) programNet(ctx context.Context, n *events.NetState) error {
 	if !n.Created {
 		return nil
 	}
 	cfg, _ := a.overlayOf(n.VNI)
 	if err := overlay.Ensure(ctx, cfg); err != nil {
+		return fmt.Errorf("net %s: %w", n.Name, err)
+	}
+	if err := a.programPort(ctx, cfg, n); err != nil {
 		return fmt.Errorf("net %s: %w", n.Name, err)
 	}
 	var entries []overlay.Entry
@@ -137,6 +142,24 @@ func (a *Agent) programNet(ctx context.Context, n *events.NetState) error {
 	}
 	a.log.Debug("net programmed", "net", n.Name, "vni", n.VNI, "peers", len(entries))
 	return nil
+}
+
+// programPort gives this host's bridge for net n the address and MAC of
+// the host's port on n, or takes the port away when it has none. Other
+// hosts' ports are peers like VMs.
+func (a *Agent) programPort(ctx context.Context, cfg overlay.Config, n *events.NetState) error {
+	b, ok := n.BindingOf(events.PortUID(a.cfg.Host))
+	if !ok {
+		return overlay.ClearPort(ctx, cfg)
+	}
+	addr, err1 := netip.ParseAddr(b.Addr)
+	prefix, err2 := netip.ParsePrefix(n.CIDR)
+	mac, err3 := net.ParseMAC(b.MAC)
+	if err1 != nil || err2 != nil || err3 != nil {
+		a.log.Warn("unusable port ignored", "net", n.Name, "addr", b.Addr, "cidr", n.CIDR, "mac", b.MAC)
+		return overlay.ClearPort(ctx, cfg)
+	}
+	return overlay.SetPort(ctx, cfg, netip.PrefixFrom(addr, prefix.Bits()), mac)
 }
 
 // netInterface is the network card of goal's VM: on its net's bridge, with

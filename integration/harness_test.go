@@ -290,6 +290,8 @@ func setCommandID(body any, id string) {
 		c.CommandID = or(c.CommandID, id)
 	case *events.CreateNet:
 		c.CommandID = or(c.CommandID, id)
+	case *events.AttachNet:
+		c.CommandID = or(c.CommandID, id)
 	}
 }
 

@@ -5,6 +5,7 @@ package integration
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/loomctl/loom/agents/libvirt/libvirttest"
 	"github.com/loomctl/loom/events"
 	"github.com/loomctl/loom/events/bus"
 )
@@ -62,6 +64,14 @@ func TestMigrate_QEMULiveMigration(t *testing.T) {
 	waitFor(t, 30*time.Second, "the address's entry on "+target, func() error {
 		return overlayEntry(t, f.hosts[target], 77, "10.77.0.2", mac, f.hosts[source].endpoint)
 	})
+	// Each host gets a port on the net; the target's reaches the VM only
+	// through the tunnel.
+	ports := attachPorts(t, f, "blue", 77, netip.MustParseAddr("10.77.0.2"), source, target)
+	got := ports[target].Count(10, 30*time.Millisecond)
+	t.Logf("from %s's port, through the tunnel: %d/%d replies, rtt %s", target, got.Replies, got.Sent, got.RTT())
+	if got.Replies < got.Sent-1 {
+		t.Fatalf("from %s's port to web on %s: %d replies to %d pings", target, source, got.Replies, got.Sent)
+	}
 
 	// The target's QEMU cannot listen where its agent says: the migration
 	// fails, and the VM runs on where it was.
@@ -95,12 +105,28 @@ func TestMigrate_QEMULiveMigration(t *testing.T) {
 		}
 		return nil
 	})
+	// The source's port pings the VM every 20 ms while it moves: the
+	// longest gap between replies is how long its address was unreachable
+	// from the host it left.
+	watch := watchPort(t, ports[source])
 	before := slices.Max(heartbeats(t, serial))
 	started := time.Now()
 	reply = f.mustCommand(events.KindVM, events.VerbMigrate, &events.MigrateVM{Name: "web", To: target})
 	moved := waitMigrationEnded(t, f, "web", reply)
+	ended := time.Now()
 	l := moved.LastMigration
-	t.Logf("migrated %s -> %s through Loom in %s; libvirt: total %d ms, downtime %d ms", l.From, l.To, time.Since(started).Round(time.Millisecond), l.TotalMillis, l.DowntimeMillis)
+	t.Logf("migrated %s -> %s through Loom in %s; libvirt: total %d ms, downtime %d ms", l.From, l.To, ended.Sub(started).Round(time.Millisecond), l.TotalMillis, l.DowntimeMillis)
+	waitFor(t, 15*time.Second, "replies to "+source+"'s port for 500 ms after the move", func() error {
+		if first := ports[source].FirstReplySince(ended); first.IsZero() || time.Since(first) < 500*time.Millisecond {
+			return fmt.Errorf("first reply since the migration ended: %v", first)
+		}
+		return nil
+	})
+	watched := watch()
+	gap, from := watched.LongestGap()
+	t.Logf("address unreachable from %s for %s during the move", source, gap.Round(time.Millisecond))
+	t.Logf("  %d pings, %d replies; the gap from %s to %s after the migrate command, which ended at %s", watched.Sent, len(watched.Replies),
+		from.Sub(started).Round(time.Millisecond), from.Add(gap).Sub(started).Round(time.Millisecond), ended.Sub(started).Round(time.Millisecond))
 	if !l.Moved || moved.Host != target || moved.Observed.State != events.ObservedRunning {
 		t.Fatalf("after the migration: host %s, %s, last %+v", moved.Host, moved.Observed.State, l)
 	}
@@ -132,6 +158,11 @@ func TestMigrate_QEMULiveMigration(t *testing.T) {
 	waitFor(t, 30*time.Second, "the address's entry on "+source, func() error {
 		return overlayEntry(t, f.hosts[source], 77, "10.77.0.2", mac, f.hosts[target].endpoint)
 	})
+	got = ports[source].Count(10, 30*time.Millisecond)
+	t.Logf("from %s's port, through the tunnel now: %d/%d replies, rtt %s", source, got.Replies, got.Sent, got.RTT())
+	if got.Replies < got.Sent-1 {
+		t.Fatalf("from %s's port to web on %s: %d replies to %d pings", source, target, got.Replies, got.Sent)
+	}
 	if err := overlayEntry(t, f.hosts[target], 77, "10.77.0.2", mac, ""); err == nil || !strings.Contains(err.Error(), "no forwarding entry") {
 		t.Fatalf("%s, where the vm now runs, still tunnels its address: %v", target, err)
 	}
@@ -198,4 +229,92 @@ func overlayEntry(t *testing.T, h *host, vni int, addr, mac, endpoint string) er
 		return fmt.Errorf("no neighbour entry %s -> %s on %s's %s:\n%s", addr, mac, h.name, dev, neigh)
 	}
 	return nil
+}
+
+// attachPorts gives each of hosts a port on netName (VXLAN segment vni) and
+// returns, per host, a pinger from its port to vm, once every host's
+// agent has programmed every port: its own on its bridge, with the MAC
+// of its binding, and the others' entries on its VXLAN device, towards
+// their hosts' endpoints; and each port has a reply from vm.
+func attachPorts(t *testing.T, f *fleet, netName string, vni int, vm netip.Addr, hosts ...string) map[string]*libvirttest.Pinger {
+	t.Helper()
+	var last uint64
+	for _, name := range hosts {
+		reply := f.mustCommand(events.KindNet, events.VerbAttach, &events.AttachNet{
+			Net: netName, Host: name})
+		last = max(last, reply.LastSeq())
+	}
+	reply, err := f.query(events.KindNet, events.Query{Name: netName, MinSeq: last})
+	if err != nil || len(reply.Nets) != 1 {
+		t.Fatalf("get net %s: %+v, %v", netName, reply.Nets, err)
+	}
+	ports := map[string]events.Binding{}
+	pingers := map[string]*libvirttest.Pinger{}
+	for _, name := range hosts {
+		port, ok := reply.Nets[0].BindingOf(events.PortUID(name))
+		if !ok {
+			t.Fatalf("net %s has no port of %s: %+v", netName, name, reply.Nets[0].Bindings)
+		}
+		ports[name] = port
+		pingers[name] = libvirttest.NewPinger(t, libvirttest.DaemonPID(t, f.hosts[name].socket), netip.MustParseAddr(port.Addr), vm)
+	}
+	waitFor(t, 30*time.Second, "the ports programmed", func() error {
+		for _, name := range hosts {
+			h, port := f.hosts[name], ports[name]
+			if err := portOn(t, h, vni, port.Addr, port.MAC); err != nil {
+				return err
+			}
+			for _, other := range hosts {
+				if other != name {
+					if err := overlayEntry(t, h, vni, ports[other].Addr, ports[other].MAC, f.hosts[other].endpoint); err != nil {
+						return err
+					}
+				}
+			}
+			if err := pingers[name].Reachable(); err != nil {
+				return fmt.Errorf("from %s's port %s: %w", name, port.Addr, err)
+			}
+		}
+		return nil
+	})
+	return pingers
+}
+
+// portOn checks that host's bridge of vni has addr and MAC mac.
+func portOn(t *testing.T, h *host, vni int, addr, mac string) error {
+	t.Helper()
+	bridge := fmt.Sprintf("loombr%d", vni)
+	argv := append(slices.Clone(h.netns), "ip", "-o", "addr", "show", "dev", bridge)
+	addrs, err := exec.Command(argv[0], argv[1:]...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v: %v\n%s", argv, err, addrs)
+	}
+	argv = append(slices.Clone(h.netns), "ip", "-o", "link", "show", "dev", bridge)
+	link, err := exec.Command(argv[0], argv[1:]...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v: %v\n%s", argv, err, link)
+	}
+	if !strings.Contains(string(addrs), " inet "+addr+"/") || !strings.Contains(string(link), " link/ether "+mac+" ") {
+		return fmt.Errorf("no port %s (%s) on %s's %s:\n%s%s", addr, mac, h.name, bridge, link, addrs)
+	}
+	return nil
+}
+
+// watchPort has p ping every 20 ms (Watch) until stop, which returns what
+// it saw; t.Cleanup stops it too.
+func watchPort(t *testing.T, p *libvirttest.Pinger) (stop func() libvirttest.WatchResult) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	var watched libvirttest.WatchResult
+	go func() {
+		defer close(done)
+		watched = p.Watch(ctx, 20*time.Millisecond)
+	}()
+	stop = func() libvirttest.WatchResult {
+		cancel()
+		<-done
+		return watched
+	}
+	t.Cleanup(func() { stop() })
+	return stop
 }

@@ -4,7 +4,6 @@ package libvirt_test
 
 import (
 	"context"
-	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -12,14 +11,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/loomctl/loom/agents/libvirt"
 	"github.com/loomctl/loom/agents/libvirt/libvirttest"
@@ -76,7 +72,7 @@ func TestQEMU_OverlayFollowsMigration(t *testing.T) {
 	// and an observer address on the bridge (as a VM there would have).
 	var nets [2]overlay.Config
 	var observers [2]overlay.Entry
-	var pingers [2]*pinger
+	var pingers [2]*libvirttest.Pinger
 	vm := overlay.Entry{Addr: netip.MustParseAddr("10.77.0.5"), MAC: mustMAC(t, "52:54:00:77:00:05")}
 	for i, socket := range []string{socket1, socket2} {
 		endpoint, dev, prefix := libvirttest.Underlay(t, socket)
@@ -87,7 +83,7 @@ func TestQEMU_OverlayFollowsMigration(t *testing.T) {
 		}
 		t.Logf("host %d: endpoint %s on %s; Ensure: %s", i+1, endpoint, dev, since(step))
 		observers[i] = addObserver(t, nets[i], fmt.Sprintf("10.77.0.%d", 253+i), fmt.Sprintf("52:54:00:77:00:%x", 0xfd+i))
-		pingers[i] = newPinger(t, daemonPID(t, socket), observers[i].Addr, vm.Addr)
+		pingers[i] = libvirttest.NewPinger(t, daemonPID(t, socket), observers[i].Addr, vm.Addr)
 	}
 	endpoint1, endpoint2 := nets[0].Local, nets[1].Local
 	// mapping is the projection's view: the VM behind vmAt, each observer
@@ -162,8 +158,8 @@ func TestQEMU_OverlayFollowsMigration(t *testing.T) {
 	setPeers(1, mapping(endpoint1))
 	setPeers(2, mapping(wrong))
 	before := tunnelPackets(t, nets[1])
-	if got := pingers[1].count(30, 30*time.Millisecond); got.replies != 0 {
-		t.Fatalf("host 2 got %d replies through a tunnel pointing at %s", got.replies, wrong)
+	if got := pingers[1].Count(30, 30*time.Millisecond); got.Replies != 0 {
+		t.Fatalf("host 2 got %d replies through a tunnel pointing at %s", got.Replies, wrong)
 	}
 	after := tunnelPackets(t, nets[1])
 	t.Logf("host 2, VM mapped to %s: 0 replies to 30 pings; tunnel sent %d, received %d packets", wrong, after.tx-before.tx, after.rx-before.rx)
@@ -174,11 +170,11 @@ func TestQEMU_OverlayFollowsMigration(t *testing.T) {
 	// The right endpoint: replies, all through the tunnel.
 	step = time.Now()
 	setPeers(2, mapping(endpoint1))
-	waitFor(t, 10*time.Second, func() error { return pingers[1].reachable() })
+	waitFor(t, 10*time.Second, func() error { return pingers[1].Reachable() })
 	t.Logf("host 2, VM mapped to host 1: first reply %s after SetPeers", since(step))
 	checkThroughTunnel(t, pingers[1], nets[1], "host 2 -> VM on host 1")
-	if got := pingers[0].count(20, 30*time.Millisecond); got.replies < 18 {
-		t.Fatalf("host 1 (local to the VM): %d replies to 20 pings", got.replies)
+	if got := pingers[0].Count(20, 30*time.Millisecond); got.Replies < 18 {
+		t.Fatalf("host 1 (local to the VM): %d replies to 20 pings", got.Replies)
 	}
 
 	// The move. Both observers ping every 20 ms; when Migrate returns,
@@ -202,15 +198,15 @@ func TestQEMU_OverlayFollowsMigration(t *testing.T) {
 	// Now host 1 reaches the VM only through the tunnel: all replies come
 	// through it, and without the VM's entry there are none.
 	checkThroughTunnel(t, pingers[0], nets[0], "host 1 -> VM on host 2")
-	if got := pingers[1].count(20, 30*time.Millisecond); got.replies < 18 {
-		t.Fatalf("host 2 (local to the VM now): %d replies to 20 pings", got.replies)
+	if got := pingers[1].Count(20, 30*time.Millisecond); got.Replies < 18 {
+		t.Fatalf("host 2 (local to the VM now): %d replies to 20 pings", got.Replies)
 	}
 	setPeers(1, mapping(endpoint2)[1:])
-	if got := pingers[0].count(30, 30*time.Millisecond); got.replies != 0 {
-		t.Fatalf("host 1 got %d replies with the VM's entry removed", got.replies)
+	if got := pingers[0].Count(30, 30*time.Millisecond); got.Replies != 0 {
+		t.Fatalf("host 1 got %d replies with the VM's entry removed", got.Replies)
 	}
 	setPeers(1, mapping(endpoint2))
-	waitFor(t, 10*time.Second, func() error { return pingers[0].reachable() })
+	waitFor(t, 10*time.Second, func() error { return pingers[0].Reachable() })
 	t.Logf("host 1, VM's entry removed: 0 replies to 30 pings; restored: replies again")
 
 	// And back to host 1, the mapping updated this time as soon as host
@@ -245,7 +241,7 @@ type moveReport struct {
 	start                     time.Time
 	resumed, returned, mapped time.Duration // on the target's event; Migrate; the mapping updated
 	downtime                  time.Duration // libvirt's figure
-	watched                   [2]watchResult
+	watched                   [2]libvirttest.WatchResult
 }
 
 func (m moveReport) log(t *testing.T, what string) {
@@ -253,8 +249,8 @@ func (m moveReport) log(t *testing.T, what string) {
 	t.Logf("%s: target reported resumed %s, Migrate returned %s, mapping updated %s after Migrate began; libvirt downtime %s",
 		what, m.resumed, m.returned, m.mapped, m.downtime)
 	for i, w := range m.watched {
-		gap, from := w.longestGap()
-		t.Logf("  host %d observer: %d pings, %d replies; longest gap %s, from %s to %s", i+1, w.sent, len(w.replies),
+		gap, from := w.LongestGap()
+		t.Logf("  host %d observer: %d pings, %d replies; longest gap %s, from %s to %s", i+1, w.Sent, len(w.Replies),
 			gap.Round(time.Millisecond), from.Sub(m.start).Round(time.Millisecond), from.Add(gap).Sub(m.start).Round(time.Millisecond))
 	}
 }
@@ -264,7 +260,7 @@ func (m moveReport) log(t *testing.T, what string) {
 // mapping, when Migrate returns or, with onResumed, as soon as the target
 // reports the domain resumed. It returns once the observer on the
 // source host (pingers[oldHost]) has had replies for a second after that.
-func moveObserved(t *testing.T, source, target *libvirt.Client, name string, m libvirt.Migration, pingers [2]*pinger,
+func moveObserved(t *testing.T, source, target *libvirt.Client, name string, m libvirt.Migration, pingers [2]*libvirttest.Pinger,
 	oldHost int, onResumed bool, remap func() error) moveReport {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -301,7 +297,7 @@ func moveObserved(t *testing.T, source, target *libvirt.Client, name string, m l
 		watchers.Add(1)
 		go func() {
 			defer watchers.Done()
-			mv.watched[i] = pingers[i].watch(watchCtx, 20*time.Millisecond)
+			mv.watched[i] = pingers[i].Watch(watchCtx, 20*time.Millisecond)
 		}()
 	}
 	stop := func() { // ends the watchers and the event reader, and waits for them
@@ -333,14 +329,14 @@ func moveObserved(t *testing.T, source, target *libvirt.Client, name string, m l
 	}
 	deadline := time.After(15 * time.Second)
 	for {
-		if first := pingers[oldHost].firstReplySince(remapped); !first.IsZero() && time.Since(first) >= time.Second {
+		if first := pingers[oldHost].FirstReplySince(remapped); !first.IsZero() && time.Since(first) >= time.Second {
 			break
 		}
 		select {
 		case <-deadline:
 			stop()
 			t.Fatalf("host %d got no reply from the VM within 15 s of the mapping's update: %s", oldHost+1,
-				mv.watched[oldHost].describe(mv.start))
+				mv.watched[oldHost].Describe(mv.start))
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
@@ -351,14 +347,14 @@ func moveObserved(t *testing.T, source, target *libvirt.Client, name string, m l
 		mv.downtime = stats.Downtime
 	}
 	for i, w := range mv.watched {
-		if gap, _ := w.longestGap(); gap > 10*time.Second {
+		if gap, _ := w.LongestGap(); gap > 10*time.Second {
 			t.Errorf("host %d observer went %s without a reply", i+1, gap)
 		}
 	}
 	return mv
 }
 
-// addObserver gives the overlay's bridge// addObserver gives the overlay's bridge on cfg's host an address and a
+// addObserver gives the overlay's bridge on cfg's host an address and a
 // fixed MAC (a bridge otherwise takes one of its ports') and returns its
 // mapping entry.
 func addObserver(t *testing.T, cfg overlay.Config, addr, mac string) overlay.Entry {
@@ -370,15 +366,15 @@ func addObserver(t *testing.T, cfg overlay.Config, addr, mac string) overlay.Ent
 
 // checkThroughTunnel pings and checks that the tunnel device of cfg's
 // host carried at least every request and every reply.
-func checkThroughTunnel(t *testing.T, p *pinger, cfg overlay.Config, what string) {
+func checkThroughTunnel(t *testing.T, p *libvirttest.Pinger, cfg overlay.Config, what string) {
 	t.Helper()
 	before := tunnelPackets(t, cfg)
-	got := p.count(25, 40*time.Millisecond)
+	got := p.Count(25, 40*time.Millisecond)
 	after := tunnelPackets(t, cfg)
 	tx, rx := after.tx-before.tx, after.rx-before.rx
-	t.Logf("%s: %d/%d replies, rtt %s; tunnel sent %d, received %d packets", what, got.replies, got.sent, got.rtt(), tx, rx)
-	if got.replies < got.sent-2 || tx < uint64(got.sent) || rx < uint64(got.replies) {
-		t.Fatalf("%s: %d replies to %d pings; the tunnel sent %d and received %d packets", what, got.replies, got.sent, tx, rx)
+	t.Logf("%s: %d/%d replies, rtt %s; tunnel sent %d, received %d packets", what, got.Replies, got.Sent, got.RTT(), tx, rx)
+	if got.Replies < got.Sent-2 || tx < uint64(got.Sent) || rx < uint64(got.Replies) {
+		t.Fatalf("%s: %d replies to %d pings; the tunnel sent %d and received %d packets", what, got.Replies, got.Sent, tx, rx)
 	}
 }
 
@@ -433,225 +429,4 @@ func serialHas(t *testing.T, serial, line string) error {
 		return fmt.Errorf("no %q on the serial console yet", line)
 	}
 	return nil
-}
-
-// pinger sends ICMP echo requests from inside another process's network
-// namespace, through a raw socket opened there.
-type pinger struct {
-	conn     *net.IPConn
-	from, to netip.Addr
-	id       uint16
-
-	mu          sync.Mutex // guards seq, sentAt, lastReplies
-	seq         uint16
-	sentAt      map[uint16]time.Time
-	lastReplies []time.Time // of the running watch
-}
-
-// newPinger opens a raw ICMP socket in the network namespace of pid,
-// which pings to from from; it is closed in t.Cleanup.
-func newPinger(t *testing.T, pid int, from, to netip.Addr) *pinger {
-	t.Helper()
-	fd, err := rawICMPSocketIn(pid)
-	if err != nil {
-		t.Fatalf("ICMP socket in the namespace of %d: %v", pid, err)
-	}
-	file := os.NewFile(uintptr(fd), "icmp")
-	conn, err := net.FilePacketConn(file)
-	_ = file.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = conn.Close() })
-	return &pinger{conn: conn.(*net.IPConn), from: from, to: to, id: uint16(pid), sentAt: map[uint16]time.Time{}}
-}
-
-// rawICMPSocketIn opens the socket on a thread that moves into the
-// namespace and is never used again: a goroutine that ends locked to its
-// thread takes the thread with it.
-func rawICMPSocketIn(pid int) (int, error) {
-	type result struct {
-		fd  int
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread() // not unlocked: the thread ends with the goroutine
-		ns, err := os.Open(fmt.Sprintf("/proc/%d/ns/net", pid))
-		if err != nil {
-			done <- result{err: err}
-			return
-		}
-		defer ns.Close()
-		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
-			done <- result{err: fmt.Errorf("setns: %w", err)}
-			return
-		}
-		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_ICMP)
-		done <- result{fd: fd, err: err}
-	}()
-	r := <-done
-	return r.fd, r.err
-}
-
-// send sends the next echo request.
-func (p *pinger) send() error {
-	p.mu.Lock()
-	p.seq++
-	seq := p.seq
-	p.sentAt[seq] = time.Now()
-	p.mu.Unlock()
-	msg := []byte{8, 0, 0, 0, 0, 0, 0, 0, 'l', 'o', 'o', 'm'}
-	binary.BigEndian.PutUint16(msg[4:], p.id)
-	binary.BigEndian.PutUint16(msg[6:], seq)
-	binary.BigEndian.PutUint16(msg[2:], icmpChecksum(msg))
-	_, err := p.conn.WriteTo(msg, &net.IPAddr{IP: p.to.AsSlice()})
-	return err
-}
-
-// receive reads until deadline and returns the round-trip times of the
-// echo replies for p that came.
-func (p *pinger) receive(deadline time.Time) []time.Duration {
-	var rtts []time.Duration
-	buf := make([]byte, 1500)
-	_ = p.conn.SetReadDeadline(deadline)
-	for {
-		n, from, err := p.conn.ReadFrom(buf)
-		if err != nil {
-			return rtts // the deadline, or the socket closed
-		}
-		now := time.Now()
-		src, _ := netip.AddrFromSlice(from.(*net.IPAddr).IP)
-		if n < 8 || buf[0] != 0 || src.Unmap() != p.to || binary.BigEndian.Uint16(buf[4:]) != p.id {
-			continue // not a reply to us
-		}
-		p.mu.Lock()
-		sent, ok := p.sentAt[binary.BigEndian.Uint16(buf[6:])]
-		p.lastReplies = append(p.lastReplies, now)
-		p.mu.Unlock()
-		if ok {
-			rtts = append(rtts, now.Sub(sent))
-		}
-	}
-}
-
-// pingCount is what count saw.
-type pingCount struct {
-	sent, replies int
-	rtts          []time.Duration
-}
-
-func (c pingCount) rtt() string {
-	if len(c.rtts) == 0 {
-		return "-"
-	}
-	s := slices.Clone(c.rtts)
-	slices.Sort(s)
-	return fmt.Sprintf("min %s median %s max %s", s[0].Round(10*time.Microsecond),
-		s[len(s)/2].Round(10*time.Microsecond), s[len(s)-1].Round(10*time.Microsecond))
-}
-
-// count sends n requests interval apart and counts the replies, waiting
-// 300 ms more for the last.
-func (p *pinger) count(n int, interval time.Duration) pingCount {
-	var c pingCount
-	for i := range n {
-		if p.send() == nil {
-			c.sent++
-		}
-		wait := interval
-		if i == n-1 {
-			wait = 300 * time.Millisecond
-		}
-		c.rtts = append(c.rtts, p.receive(time.Now().Add(wait))...)
-	}
-	c.replies = len(c.rtts)
-	return c
-}
-
-// reachable sends one request and reports whether a reply came within
-// 200 ms.
-func (p *pinger) reachable() error {
-	if err := p.send(); err != nil {
-		return err
-	}
-	if len(p.receive(time.Now().Add(200*time.Millisecond))) == 0 {
-		return fmt.Errorf("no reply from %s to %s", p.to, p.from)
-	}
-	return nil
-}
-
-// watchResult is what a watch saw: how many requests it sent, and when
-// each reply came.
-type watchResult struct {
-	start, end time.Time
-	sent       int
-	replies    []time.Time
-}
-
-// watch sends a request every interval until ctx ends, noting when each
-// reply comes; firstReplySince reads those notes meanwhile.
-func (p *pinger) watch(ctx context.Context, interval time.Duration) watchResult {
-	p.mu.Lock()
-	p.lastReplies = nil
-	p.mu.Unlock()
-	w := watchResult{start: time.Now()}
-	for ctx.Err() == nil {
-		if p.send() == nil {
-			w.sent++
-		}
-		p.receive(time.Now().Add(interval))
-	}
-	w.end = time.Now()
-	p.mu.Lock()
-	w.replies = slices.Clone(p.lastReplies)
-	p.mu.Unlock()
-	return w
-}
-
-// firstReplySince returns when the first reply of the running watch at or
-// after t came, or the zero time.
-func (p *pinger) firstReplySince(t time.Time) time.Time {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for _, r := range p.lastReplies {
-		if !r.Before(t) {
-			return r
-		}
-	}
-	return time.Time{}
-}
-
-// longestGap is the longest time the watch went without a reply (from its
-// start to the first, between two, from the last to its end), and when
-// that began.
-func (w watchResult) longestGap() (gap time.Duration, from time.Time) {
-	last := w.start
-	for _, r := range append(slices.Clone(w.replies), w.end) {
-		if d := r.Sub(last); d > gap {
-			gap, from = d, last
-		}
-		last = r
-	}
-	return gap, from
-}
-
-func (w watchResult) describe(origin time.Time) string {
-	gap, from := w.longestGap()
-	return fmt.Sprintf("%d sent, %d replies, longest gap %s from %s", w.sent, len(w.replies), gap, from.Sub(origin))
-}
-
-// icmpChecksum is the Internet checksum (RFC 1071) of msg.
-func icmpChecksum(msg []byte) uint16 {
-	var sum uint32
-	for i := 0; i+1 < len(msg); i += 2 {
-		sum += uint32(binary.BigEndian.Uint16(msg[i:]))
-	}
-	if len(msg)%2 == 1 {
-		sum += uint32(msg[len(msg)-1]) << 8
-	}
-	for sum>>16 != 0 {
-		sum = sum&0xffff + sum>>16
-	}
-	return ^uint16(sum)
 }

@@ -14,9 +14,13 @@
 //     (those whose Endpoint is this host's are skipped), at start-up and
 //     whenever an entry changes. It reconciles: what is on the VXLAN
 //     device afterwards is exactly the given entries for other hosts.
-//  3. Remove takes both devices away when the host leaves the overlay.
+//  3. SetPort gives the host its own address on the overlay, its port,
+//     on the bridge, with the MAC the other hosts' entries for it name;
+//     ClearPort takes it away. The port is an entry like a VM's: every
+//     host's SetPeers gets it, with this host's endpoint.
+//  4. Remove takes both devices away when the host leaves the overlay.
 //
-// All three are idempotent and safe to repeat after a failure. Calls for
+// All are idempotent and safe to repeat after a failure. Calls for
 // one Config must not overlap; the caller serializes them. Cfg.Prefix runs
 // the commands elsewhere, such as in another network namespace.
 //

@@ -11,6 +11,8 @@ var (
 	ErrInvalidConfig = errors.New("invalid overlay config")
 	// ErrInvalidEntry means an Entry given to SetPeers cannot be used.
 	ErrInvalidEntry = errors.New("invalid overlay entry")
+	// ErrInvalidPort means an address or MAC given to SetPort cannot be used.
+	ErrInvalidPort = errors.New("invalid overlay port")
 	// ErrForeignDevice means a device has the bridge's or the VXLAN
 	// device's name but is of another kind; it is left alone.
 	ErrForeignDevice = errors.New("device of another kind")

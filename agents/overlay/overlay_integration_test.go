@@ -72,7 +72,8 @@ func mustRun(t *testing.T, prefix []string, args ...string) string {
 // Against the kernel's real devices (in a private network namespace):
 // Ensure builds the bridge and the device and then changes nothing;
 // SetPeers reconciles what `bridge fdb` and `ip neigh` show to exactly its
-// list, changing only what differs; a device of the wrong endpoint is
+// list, changing only what differs; SetPort and ClearPort set and clear
+// the bridge's address and MAC; a device of the wrong endpoint is
 // rebuilt; Remove removes, twice.
 func TestOverlay_KernelState(t *testing.T) {
 	ctx := context.Background()
@@ -154,6 +155,53 @@ func TestOverlay_KernelState(t *testing.T) {
 	checkPeers("52:54:00:4d:00:06>10.251.0.4 52:54:00:4d:00:07>10.251.0.3",
 		"10.77.0.6>52:54:00:4d:00:06,true 10.77.0.7>52:54:00:4d:00:07,true")
 	t.Logf("the move: %s", strings.Join(rec.changed, "; "))
+
+	// The host's port: the bridge's MAC and address, kept when a port
+	// with a lower MAC joins; once in place nothing changes; a new
+	// address replaces it, and strays go; ClearPort leaves none.
+	checkPort := func(wantMAC string, want ...netip.Prefix) {
+		t.Helper()
+		full, _ := cfg.withDefaults()
+		br, ok, err := (host{cfg: full, run: execRun}).bridgeAddrs(ctx)
+		if err != nil || !ok || br.MAC != wantMAC || !slices.Equal(br.ours(), want) {
+			t.Fatalf("bridge (%t, %v): MAC %s, addresses %v; want %s, %v", ok, err, br.MAC, br.ours(), wantMAC, want)
+		}
+	}
+	port := netip.MustParsePrefix("10.77.0.3/24")
+	if err := SetPort(ctx, cfg, port, mac("02:4c:00:00:00:03")); err != nil {
+		t.Fatal(err)
+	}
+	mustRun(t, prefix, "ip", "link", "add", "tp0", "address", "02:00:00:00:00:01", "type", "veth", "peer", "name", "tp1")
+	mustRun(t, prefix, "ip", "link", "set", "tp0", "master", "loombr42", "up")
+	checkPort("02:4c:00:00:00:03", port)
+	rec.changed = nil
+	if err := setPort(ctx, rec.run, cfg, port, mac("02:4c:00:00:00:03")); err != nil || len(rec.changed) != 0 {
+		t.Fatalf("second SetPort: %v, ran %q; want nothing changed", err, rec.changed)
+	}
+	// A stray secondary address of the port's subnet goes too.
+	mustRun(t, prefix, "ip", "addr", "add", "10.77.0.9/24", "dev", "loombr42")
+	port = netip.MustParsePrefix("10.77.0.4/24")
+	if err := SetPort(ctx, cfg, port, mac("02:4c:00:00:00:03")); err != nil {
+		t.Fatal(err)
+	}
+	checkPort("02:4c:00:00:00:03", port)
+	// The port's address behind a stray primary, which takes it along.
+	if err := ClearPort(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	mustRun(t, prefix, "ip", "addr", "add", "10.77.0.9/24", "dev", "loombr42")
+	mustRun(t, prefix, "ip", "addr", "add", port.String(), "dev", "loombr42")
+	if err := SetPort(ctx, cfg, port, mac("02:4c:00:00:00:03")); err != nil {
+		t.Fatal(err)
+	}
+	checkPort("02:4c:00:00:00:03", port)
+	mustRun(t, prefix, "ip", "addr", "add", "10.77.0.9/24", "dev", "loombr42")
+	for range 2 {
+		if err := ClearPort(ctx, cfg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	checkPort("02:4c:00:00:00:03")
 
 	// The host's endpoint changes: the device is rebuilt, empty.
 	mustRun(t, prefix, "ip", "addr", "add", "10.251.0.11/24", "dev", "ul0")

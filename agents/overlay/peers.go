@@ -71,7 +71,7 @@ func planPeers(local netip.Addr, entries []Entry) (peers, error) {
 		switch {
 		case !addr.IsValid() || addr.IsUnspecified() || addr.IsMulticast() || addr.Zone() != "":
 			return want, fmt.Errorf("%w: address %q is not a unicast address", ErrInvalidEntry, e.Addr)
-		case len(e.MAC) != 6 || e.MAC[0]&1 != 0 || slices.Equal(e.MAC, make(net.HardwareAddr, 6)):
+		case !unicastMAC(e.MAC):
 			return want, fmt.Errorf("%w: %s: MAC %q is not a unicast 48-bit MAC", ErrInvalidEntry, addr, e.MAC)
 		case !endpoint.IsValid() || endpoint.IsUnspecified() || endpoint.IsMulticast() || endpoint.Is4() != local.Unmap().Is4():
 			return want, fmt.Errorf("%w: %s: endpoint %q is not a unicast address of the local endpoint's family", ErrInvalidEntry, addr, e.Endpoint)
