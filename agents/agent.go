@@ -235,6 +235,9 @@ type Agent struct {
 	// snapshotDone is true once every goal standing at start was read.
 	snapshotDone bool
 	// orphans are the orphan domains reported and not cleared, by name;
+	// nets are the virtual networks as the net follower folds them (under
+	// mu; each state is replaced, never changed, by Apply).
+	nets map[string]*events.NetState
 	// agentReported says this process reported itself on the host's
 	// subject (host.agent_started).
 	agentReported bool

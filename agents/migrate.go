@@ -53,13 +53,14 @@ func (a *Agent) sendVM(ctx context.Context, hv Hypervisor, goal events.Goal, fou
 		a.log.Warn("migration did not happen; the domain runs here", logVM, goal.VM, "to", m.To, logErr, fault)
 		return report(events.VMMigrationAborted{UID: goal.UID, Incarnation: goal.Incarnation, Migration: m.Migration, Fault: fault, Leases: goal.Leases})
 	}
-	sent := func(took time.Duration, p libvirt.MigrationProgress) error {
-		a.log.Info("domain migrated away", logVM, goal.VM, "to", m.To, "took", took.Round(time.Millisecond))
+	sent := func(took time.Duration, p libvirt.MigrationProgress, unreachable time.Duration) error {
+		a.log.Info("domain migrated away", logVM, goal.VM, "to", m.To, "took", took.Round(time.Millisecond), "unreachable", unreachable)
 		return report(events.VMMigrationSent{UID: goal.UID, Incarnation: goal.Incarnation, Migration: m.Migration,
-			Millis: took.Milliseconds(), MemoryBytes: int64(p.MemoryProcessed), DiskBytes: int64(p.DiskProcessed), Leases: goal.Leases})
+			Millis: took.Milliseconds(), MemoryBytes: int64(p.MemoryProcessed), DiskBytes: int64(p.DiskProcessed), Leases: goal.Leases,
+			UnreachableMillis: unreachable.Milliseconds()})
 	}
 	if !found {
-		return sent(0, libvirt.MigrationProgress{})
+		return sent(0, libvirt.MigrationProgress{}, 0)
 	}
 	if m.Cancel {
 		return aborted(events.Errorf(events.CodeLibvirtError, "migration %s cancelled before it began", m.Migration))
@@ -85,6 +86,7 @@ func (a *Agent) sendVM(ctx context.Context, hv Hypervisor, goal events.Goal, fou
 		defer close(polling)
 		a.pollMigration(mctx, mig, goal, last)
 	}()
+	probe := a.startProbe(ctx, goal)
 	started := time.Now()
 	// The serial log goes next to the disk on the target, as this host
 	// keeps it next to its own.
@@ -98,6 +100,12 @@ func (a *Agent) sendVM(ctx context.Context, hv Hypervisor, goal events.Goal, fou
 	cancelled := mctx.Err() != nil // before the cancel that stops the polling
 	cancel()
 	<-polling
+	var unreachable time.Duration
+	if err == nil {
+		unreachable = probe.stop(ctx, time.Now())
+	} else {
+		probe.abort()
+	}
 	var p libvirt.MigrationProgress
 	select {
 	case p = <-last:
@@ -105,7 +113,7 @@ func (a *Agent) sendVM(ctx context.Context, hv Hypervisor, goal events.Goal, fou
 	}
 	switch {
 	case err == nil:
-		return sent(took, p)
+		return sent(took, p, unreachable)
 	case ctx.Err() != nil:
 		return err // the agent stops: the next one looks at where the domain is
 	case cancelled:
@@ -115,7 +123,7 @@ func (a *Agent) sendVM(ctx context.Context, hv Hypervisor, goal events.Goal, fou
 		return err
 	}
 	if _, still, lerr := lookup(ctx, hv, goal.VM); lerr == nil && !still {
-		return sent(took, p) // libvirt answered an error, but the domain left
+		return sent(took, p, 0) // libvirt answered an error, but the domain left
 	}
 	return aborted(faultOf(err))
 }

@@ -76,6 +76,9 @@ func (a *Agent) consumeNets(ctx context.Context) error {
 	}
 	defer msgs.Stop()
 	nets := map[string]*events.NetState{}
+	a.mu.Lock()
+	a.nets = nets
+	a.mu.Unlock()
 	for {
 		msg, err := msgs.Next(jetstream.NextContext(ctx))
 		if err != nil {
@@ -90,12 +93,15 @@ func (a *Agent) consumeNets(ctx context.Context) error {
 			a.log.Warn("undecodable net event ignored", logSubject, msg.Subject(), logSeq, meta.Sequence.Stream, logErr, err)
 			continue
 		}
+		a.mu.Lock()
 		n := nets[rec.Envelope.AggregateID]
 		if n == nil {
 			n = &events.NetState{}
 			nets[rec.Envelope.AggregateID] = n
 		}
-		if err := n.Apply(&rec); err != nil {
+		err = n.Apply(&rec)
+		a.mu.Unlock()
+		if err != nil {
 			a.log.Warn("net event refused", logSubject, msg.Subject(), logSeq, rec.Seq, logErr, err)
 			continue
 		}
@@ -183,4 +189,16 @@ func (a *Agent) netInterface(ctx context.Context, goal events.Goal) (*netCard, e
 // netCard is what a VM's domain needs of its net.
 type netCard struct {
 	bridge, mac, cmdline string
+}
+
+// portOn is this host's port address on net, if it has one.
+func (a *Agent) portOn(net string) (string, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	n := a.nets[net]
+	if n == nil {
+		return "", false
+	}
+	b, ok := n.BindingOf(events.PortUID(a.cfg.Host))
+	return b.Addr, ok
 }

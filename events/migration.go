@@ -109,6 +109,10 @@ type VMMigrationSent struct {
 	MemoryBytes int64        `msgpack:"memory_bytes,omitempty" json:"memory_bytes,omitempty"`
 	DiskBytes   int64        `msgpack:"disk_bytes,omitempty" json:"disk_bytes,omitempty"`
 	Leases      []LeaseEpoch `msgpack:"leases,omitempty" json:"leases,omitempty"`
+	// UnreachableMillis is the longest the VM's address went without
+	// answering this host's port during the move (0: not probed: the
+	// host has no port on the VM's net).
+	UnreachableMillis int64 `msgpack:"unreachable_ms,omitempty" json:"unreachable_ms,omitempty"`
 }
 
 // VMMigrationAborted is the source's report: the migration did not happen
@@ -164,12 +168,13 @@ type Migration struct {
 	// What the hosts reported: the target runs it (ReceivedDisk is where
 	// it writes), the source sent it (with libvirt's figures), or the
 	// source aborted it.
-	Received       bool   `msgpack:"received,omitempty" json:"received,omitempty"`
-	ReceivedDisk   string `msgpack:"received_disk,omitempty" json:"received_disk,omitempty"`
-	Sent           bool   `msgpack:"sent,omitempty" json:"sent,omitempty"`
-	TotalMillis    int64  `msgpack:"total_ms,omitempty" json:"total_ms,omitempty"`
-	DowntimeMillis int64  `msgpack:"downtime_ms,omitempty" json:"downtime_ms,omitempty"`
-	Aborted        *Fault `msgpack:"aborted,omitempty" json:"aborted,omitempty"`
+	Received          bool   `msgpack:"received,omitempty" json:"received,omitempty"`
+	ReceivedDisk      string `msgpack:"received_disk,omitempty" json:"received_disk,omitempty"`
+	Sent              bool   `msgpack:"sent,omitempty" json:"sent,omitempty"`
+	TotalMillis       int64  `msgpack:"total_ms,omitempty" json:"total_ms,omitempty"`
+	DowntimeMillis    int64  `msgpack:"downtime_ms,omitempty" json:"downtime_ms,omitempty"`
+	UnreachableMillis int64  `msgpack:"unreachable_ms,omitempty" json:"unreachable_ms,omitempty"`
+	Aborted           *Fault `msgpack:"aborted,omitempty" json:"aborted,omitempty"`
 }
 
 // LastMigration is the outcome of a VM's last migration, kept once it is over.
@@ -180,9 +185,12 @@ type LastMigration struct {
 	Moved          bool   `msgpack:"moved" json:"moved"`
 	TotalMillis    int64  `msgpack:"total_ms,omitempty" json:"total_ms,omitempty"`
 	DowntimeMillis int64  `msgpack:"downtime_ms,omitempty" json:"downtime_ms,omitempty"`
-	Reason         string `msgpack:"reason,omitempty" json:"reason,omitempty"`
-	Fault          *Fault `msgpack:"fault,omitempty" json:"fault,omitempty"`
-	Seq            uint64 `msgpack:"seq" json:"seq"`
+	// UnreachableMillis is how long the VM's address went unanswered
+	// from the host it left, if that host has a port on its net.
+	UnreachableMillis int64  `msgpack:"unreachable_ms,omitempty" json:"unreachable_ms,omitempty"`
+	Reason            string `msgpack:"reason,omitempty" json:"reason,omitempty"`
+	Fault             *Fault `msgpack:"fault,omitempty" json:"fault,omitempty"`
+	Seq               uint64 `msgpack:"seq" json:"seq"`
 }
 
 // MigrateStep is what the goal asks of the source: move the domain.

@@ -45,7 +45,7 @@ func (s *VMState) applyMigrationDecision(rec *Record) error {
 			leases = append(leases, LeaseEpoch{Resource: g.Resource, Mode: g.Mode, Epoch: rec.Seq - g.Back})
 		}
 		s.LastMigration = &LastMigration{ID: m.ID, From: m.From, To: m.To, Moved: true,
-			TotalMillis: m.TotalMillis, DowntimeMillis: m.DowntimeMillis, Seq: rec.Seq}
+			TotalMillis: m.TotalMillis, DowntimeMillis: m.DowntimeMillis, UnreachableMillis: m.UnreachableMillis, Seq: rec.Seq}
 		s.Left, s.LeftReason, s.LeftAt, s.LeftGone = m.From, AbsentMigrated, rec.Seq, false
 		s.Host, s.Leases, s.Incarnation, s.Migration = m.To, leases, rec.Seq, nil
 		s.Observed = Observation{}
@@ -78,7 +78,7 @@ func (s *VMState) applyMigrationReport(rec *Record) error {
 		if len(ev.Leases) > 0 && !slices.Equal(ev.Leases, s.Leases) {
 			return fmt.Errorf("%w: vm %s on %s reported a migration under %v, it runs under %v", ErrStaleEpoch, s.Name, addr.Host, ev.Leases, s.Leases)
 		}
-		next.Sent = true
+		next.Sent, next.UnreachableMillis = true, ev.UnreachableMillis
 	case VMMigrationAborted:
 		if ev.UID != s.UID || ev.Migration != m.ID || addr.Host != m.From {
 			return nil

@@ -63,7 +63,7 @@ var samples = map[Type]Event{
 	TypeVMMigrationCancelling: VMMigrationCancelling{UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Migration: "mg-0123456789abcdef"},
 	TypeVMMigrationReceived: VMMigrationReceived{UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Incarnation: 61, Migration: "mg-0123456789abcdef", Disk: "/var/lib/loom/vms/web-1-x.mg-0123456789abcdef.qcow2",
 		TotalMillis: 3100, DowntimeMillis: 40},
-	TypeVMMigrationSent: VMMigrationSent{UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Incarnation: 61, Migration: "mg-0123456789abcdef", Millis: 3150,
+	TypeVMMigrationSent: VMMigrationSent{UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Incarnation: 61, Migration: "mg-0123456789abcdef", Millis: 3150, UnreachableMillis: 520,
 		MemoryBytes: 130 << 20, DiskBytes: 64 << 20, Leases: []LeaseEpoch{{Resource: "disk/web-1", Mode: LeaseExclusive, Epoch: 43}}},
 	TypeVMMigrationAborted: VMMigrationAborted{UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Incarnation: 61, Migration: "mg-0123456789abcdef", Fault: &Fault{Code: 5001, Name: "libvirt_error", Message: "cancelled"}},
 	TypeHostAgentStarted:   HostAgentStarted{Agent: "01J0000000000000000000000", StorageDir: "/var/lib/loom/vms", MigrateURI: "qemu+tls://h2/system", MigrateListen: "tcp:10.0.0.2", TunnelEndpoint: "10.0.0.2"},

@@ -125,6 +125,11 @@ func TestMigrate_QEMULiveMigration(t *testing.T) {
 	watched := watch()
 	gap, from := watched.LongestGap()
 	t.Logf("address unreachable from %s for %s during the move", source, gap.Round(time.Millisecond))
+	if after, _ := f.vm("web", 0); after.LastMigration == nil || after.LastMigration.UnreachableMillis <= 0 {
+		t.Errorf("the source's agent reported no unreachable window: %+v", after.LastMigration)
+	} else {
+		t.Logf("  the source's agent probed it unanswered for %d ms (what loom vm migrate prints)", after.LastMigration.UnreachableMillis)
+	}
 	t.Logf("  %d pings, %d replies; the gap from %s to %s after the migrate command, which ended at %s", watched.Sent, len(watched.Replies),
 		from.Sub(started).Round(time.Millisecond), from.Add(gap).Sub(started).Round(time.Millisecond), ended.Sub(started).Round(time.Millisecond))
 	if !l.Moved || moved.Host != target || moved.Observed.State != events.ObservedRunning {

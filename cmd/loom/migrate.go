@@ -110,6 +110,12 @@ func followMigration(ctx context.Context, c *client, w io.Writer, name string, m
 			}
 			fmt.Fprintf(w, "%s moved from %s to %s in %s; libvirt's downtime (guest paused at the switch-over): %s\n",
 				name, last.From, last.To, time.Duration(last.TotalMillis)*time.Millisecond, time.Duration(last.DowntimeMillis)*time.Millisecond)
+			if last.UnreachableMillis > 0 {
+				fmt.Fprintf(w, "its address went unanswered from %s for %s (probed from %s's port on its net)\n",
+					last.From, time.Duration(last.UnreachableMillis)*time.Millisecond, last.From)
+			} else {
+				fmt.Fprintf(w, "its address was not probed (%s has no port on the VM's net: loom net attach)\n", last.From)
+			}
 			return nil
 		}
 	}

@@ -2,7 +2,7 @@
 # install.sh [--qemu]: make this Debian 12 machine able to run namespaced
 # libvirtd instances (see host.sh). Idempotent; run as root.
 #
-#   - installs libvirt-daemon, libvirt-clients and iproute2 (and, with --qemu,
+#   - installs libvirt-daemon, libvirt-clients, iproute2 and iputils-ping (and, with --qemu,
 #     qemu-system-x86 and qemu-utils) with --no-install-recommends. It never
 #     installs libvirt-daemon-system: that pulls in systemd/polkit/iptables and
 #     its postinst starts a default daemon.
@@ -27,8 +27,8 @@ done
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (libvirtd needs root for its namespaces)"
 
-packages=(libvirt-daemon libvirt-clients iproute2)
-binaries=(libvirtd virsh ip unshare mount)
+packages=(libvirt-daemon libvirt-clients iproute2 iputils-ping)
+binaries=(libvirtd virsh ip unshare mount ping)
 if [ "$want_qemu" -eq 1 ]; then
 	packages+=(qemu-system-x86 qemu-utils)
 	binaries+=(qemu-system-x86_64 qemu-img)
