@@ -231,8 +231,16 @@ func lastObserved(t testing.TB, js jetstream.JetStream, host, vm string) (events
 // state, and returns it.
 func waitObserved(t testing.TB, js jetstream.JetStream, host, vm string, incarnation uint64, state events.ObservedState) events.VMObserved {
 	t.Helper()
+	return waitObservedWithin(t, 15*time.Second, js, host, vm, incarnation, state)
+}
+
+// waitObservedWithin is waitObserved with its own time limit: a QEMU
+// guest reports running once it is alive, which under a loaded CI takes
+// far longer than a test-driver domain.
+func waitObservedWithin(t testing.TB, limit time.Duration, js jetstream.JetStream, host, vm string, incarnation uint64, state events.ObservedState) events.VMObserved {
+	t.Helper()
 	var last events.VMObserved
-	waitFor(t, 15*time.Second, func() error {
+	waitFor(t, limit, func() error {
 		var ok bool
 		last, ok = lastObserved(t, js, host, vm)
 		if !ok {

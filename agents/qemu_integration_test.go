@@ -45,7 +45,7 @@ func TestAgent_QEMUGuestFromImage(t *testing.T) {
 	goal.Spec.Disk = &events.ImageDisk{Source: filepath.Join(guest, "base.qcow2"), Format: "qcow2",
 		Boot: &events.ImageBoot{Kernel: filepath.Join(guest, "vmlinuz"), Initrd: filepath.Join(guest, "initrd.gz"), Cmdline: "console=ttyS0 quiet"}}
 	publishGoal(t, b.JS, goal)
-	waitObserved(t, b.JS, "q1", "tiny", 10, events.ObservedRunning)
+	waitObservedWithin(t, 2*time.Minute, b.JS, "q1", "tiny", 10, events.ObservedRunning)
 
 	overlay := filepath.Join(storage, "tiny-"+uid+".qcow2")
 	out, err := exec.Command("qemu-img", "info", "-U", overlay).CombinedOutput()
@@ -67,7 +67,7 @@ func TestAgent_QEMUGuestFromImage(t *testing.T) {
 	absent := goalOf("q1", "tiny", uid, events.DesiredAbsent, 20)
 	absent.AbsentReason = events.AbsentDeleted
 	publishGoal(t, b.JS, absent)
-	waitObserved(t, b.JS, "q1", "tiny", 20, events.ObservedAbsent)
+	waitObservedWithin(t, time.Minute, b.JS, "q1", "tiny", 20, events.ObservedAbsent)
 	for _, f := range []string{overlay, filepath.Join(storage, "tiny-"+uid+".serial")} {
 		if _, err := os.Stat(f); !os.IsNotExist(err) {
 			t.Errorf("%s left behind (%v)", f, err)

@@ -354,7 +354,11 @@ func (f *fleet) host(name string) (events.HostView, error) {
 func (f *fleet) converged(name string, minSeq uint64) events.VMView {
 	f.t.Helper()
 	var vm events.VMView
-	waitFor(f.t, 20*time.Second, name+" converged", func() error {
+	limit := 20 * time.Second
+	if f.qemu {
+		limit = 2 * time.Minute // a QEMU guest converges once it is alive: slow on a loaded machine
+	}
+	waitFor(f.t, limit, name+" converged", func() error {
 		var err error
 		if vm, err = f.vm(name, minSeq); err != nil {
 			return err
