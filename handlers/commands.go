@@ -20,6 +20,14 @@ func (s *Service) single(ctx context.Context, c *command, step func(ctx context.
 		return &events.Reply{Events: result, Replayed: true}
 	}
 	res, fault := step(ctx)
+	if res.appended == nil && fault == nil {
+		// Nothing to append may mean the command took effect between the
+		// first look and the decision (a retry racing its original): the
+		// state that said so came from the Reader, so the result is there.
+		if result, found, err := s.cfg.Reader.CommandResult(ctx, c.actor, c.id); err == nil && found {
+			return &events.Reply{Events: result, Replayed: true}
+		}
+	}
 	reply := &events.Reply{Error: fault, Replayed: res.replayed}
 	if res.appended != nil {
 		reply.Events = []events.Appended{*res.appended}
