@@ -151,6 +151,10 @@ CONF
 	# test+unix goes through the daemon; plain test:/// would run in-process.
 	while :; do
 		if virsh -q -c "test+unix:///default?socket=$sock" uri >/dev/null 2>&1; then
+			# Its network namespace, for stop: the QEMU guests it starts live
+			# there, and outlive the daemon when it is killed.
+			pid=$(read_pid "$dir/libvirtd.pid")
+			[ -n "$pid" ] && readlink "/proc/$pid/ns/net" >"$dir/netns" 2>/dev/null || true
 			echo "$sock"
 			return 0
 		fi
@@ -173,12 +177,28 @@ cmd_stop() {
 	local dir=$1 pid
 	[ -d "$dir" ] || { echo "host.sh: $dir does not exist; nothing to stop" >&2; return 0; }
 	pid=$(read_pid "$dir/libvirtd.pid")
-	if [ -z "$pid" ]; then
-		echo "host.sh: no pid file in $dir; nothing to stop" >&2
-		return 0
+	if [ -n "$pid" ]; then
+		stop_pid "$pid"
+		rm -f "$dir/libvirtd.pid"
+	else
+		echo "host.sh: no pid file in $dir; no daemon to stop" >&2
 	fi
-	stop_pid "$pid"
-	rm -f "$dir/libvirtd.pid"
+	stop_guests "$dir"
+}
+
+# stop_guests kills what still runs in the daemon's network namespace: the
+# QEMU guests it started, which a killed (or stopped) libvirtd leaves behind.
+stop_guests() {
+	local dir=$1 ns p
+	[ -s "$dir/netns" ] || return 0
+	ns=$(cat "$dir/netns")
+	[ "$ns" = "$(readlink /proc/self/ns/net)" ] && return 0 # never the caller's own
+	for p in /proc/[0-9]*; do
+		if [ "$(readlink "$p/ns/net" 2>/dev/null)" = "$ns" ]; then
+			kill -KILL "${p#/proc/}" 2>/dev/null || true
+		fi
+	done
+	rm -f "$dir/netns"
 }
 
 [ $# -ge 1 ] || usage
