@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -124,6 +125,41 @@ func TestCLI_UpCreateGetTail(t *testing.T) {
 	if !regexp.MustCompile(`(?s)vm\.created .*vm\.placed .*vm\.observed`).MatchString(history) ||
 		strings.Contains(history, "host.allocated") || strings.Contains(history, "lease.granted") {
 		t.Fatalf("events history vm/web-1:\n%s", history)
+	}
+
+	// An auditor's copy: every message, once, in order, resumed after a
+	// crash that cut its last line short.
+	exported := filepath.Join(t.TempDir(), "history.jsonl")
+	loom("audit", "export", "--out", exported)
+	loom("vm", "stop", "web-1", "--wait", "30s")
+	f, err := os.OpenFile(exported, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteString(`{"seq":99999,"subj`); err != nil {
+		t.Fatal(err)
+	}
+	_ = f.Close()
+	loom("audit", "export", "--out", exported)
+	data, err := os.ReadFile(exported)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(data)), "\n")
+	for i, line := range lines {
+		var ev struct {
+			Seq uint64 `json:"seq"`
+			Raw []byte `json:"raw"`
+		}
+		if err := json.Unmarshal([]byte(line), &ev); err != nil || ev.Seq != uint64(i+1) {
+			t.Fatalf("exported line %d = %q (%v), want sequence %d", i, line, err, i+1)
+		}
+		if _, err := events.DecodeRecord(ev.Seq, "loom.evt.x.y", time.Now(), ev.Raw); err != nil {
+			t.Fatalf("exported line %d: its stored bytes do not decode: %v", i, err)
+		}
+	}
+	if !strings.Contains(lines[len(lines)-1], "vm.observed") && !strings.Contains(string(data), `"type":"vm.goal_changed"`) {
+		t.Fatalf("the second export did not bring the stop: %s", lines[len(lines)-1])
 	}
 
 	// What an operator's probes see.

@@ -50,6 +50,7 @@ func newRoot() *cobra.Command {
 		newLeaseCommand(client),
 		newVMCommand(client),
 		newEventsCommand(client),
+		newAuditCommand(client),
 		newBenchCommand(),
 	)
 	return root
