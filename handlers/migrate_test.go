@@ -13,6 +13,12 @@ import (
 // VMs to it.
 func agentStarted(t *testing.T, r *replica, host string) {
 	t.Helper()
+	agentStartedAt(t, r, host, "192.0.2."+host[1:])
+}
+
+// agentStartedAt is agentStarted with the host's tunnel endpoint.
+func agentStartedAt(t *testing.T, r *replica, host, endpoint string) {
+	t.Helper()
 	subject := events.ObservationSubject(host, events.KindHost, host)
 	ctx := context.Background()
 	var prev []byte
@@ -21,7 +27,7 @@ func agentStarted(t *testing.T, r *replica, host string) {
 		prev = events.Hash(last.Data)
 	}
 	env, data, err := events.Seal(events.HostAgentStarted{Agent: "a-" + host, StorageDir: "/var/lib/loom/" + host,
-		MigrateURI: "qemu+tcp://" + host + "/system", MigrateListen: "tcp:" + host, TunnelEndpoint: "192.0.2." + host[1:]}, events.KindHost, host, events.Origin{Actor: "agent:" + host, Time: time.Now()}, 0, prev)
+		MigrateURI: "qemu+tcp://" + host + "/system", MigrateListen: "tcp:" + host, TunnelEndpoint: endpoint}, events.KindHost, host, events.Origin{Actor: "agent:" + host, Time: time.Now()}, 0, prev)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -153,3 +153,42 @@ func (s *Service) releaseOrphanAddresses(ctx context.Context, vms []events.VMSta
 	}
 	return errors.Join(errs...)
 }
+
+// rebindMovedEndpoints binds again every address whose host's agent now
+// gives another tunnel endpoint than the binding names (the agent came
+// back on another address): every host's entries then lead to the new one.
+// The hosts' reports are read as the pass's snapshot had them.
+func (s *Service) rebindMovedEndpoints(ctx context.Context, hosts []events.HostState) error {
+	endpoints := make(map[string]string, len(hosts))
+	for _, h := range hosts {
+		if h.Agent != nil && h.Agent.TunnelEndpoint != "" {
+			endpoints[h.Name] = h.Agent.TunnelEndpoint
+		}
+	}
+	nets, err := s.cfg.Reader.Nets(ctx)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, n := range nets {
+		for _, b := range n.Bindings {
+			now, known := endpoints[b.Host]
+			if !known || now == b.Endpoint {
+				continue
+			}
+			c := newCommand(schedulerActor, "rebind-"+b.UID+"-"+now, "", events.Origin{Time: s.cfg.Now()})
+			res, fault := appendStep(ctx, s, s.nets, c, n.Name, stepOnly, events.TypeNetAddressBound, func(state *events.NetState) (events.Event, *events.Fault) {
+				if have, ok := state.BindingOf(b.UID); !ok || have.Host != b.Host {
+					return nil, nil // released, or moved meanwhile
+				}
+				return decideBind(*state, b.VM, b.UID, b.Host, now)
+			})
+			if fault != nil {
+				errs = append(errs, fault)
+			} else if res.appended != nil && !res.replayed {
+				s.log.Info("address bound to its host's new tunnel endpoint", "net", n.Name, "addr", b.Addr, keyHost, b.Host, "endpoint", now)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}

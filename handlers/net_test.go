@@ -80,3 +80,30 @@ func expectCodeKind(t *testing.T, r *replica, kind events.Kind, verb string, bod
 		t.Fatalf("%s.%s: got %+v, want code %d", kind, verb, reply.Error, code)
 	}
 }
+
+// An agent that comes back on another tunnel endpoint: the next pass binds
+// its VMs' addresses (and its port) to the new one.
+func TestNet_RebindsWhenAHostsEndpointMoves(t *testing.T) {
+	b, r, _ := schedulerFixture(t)
+	ctx := context.Background()
+	agentStarted(t, r, "h1")
+	agentStarted(t, r, "h2")
+	must(t, r.nc, events.KindNet, events.VerbCreate, &events.CreateNet{CommandMeta: events.CommandMeta{CommandID: "n1"}, Name: "blue", CIDR: "10.77.0.0/24"})
+	createVM(t, b, r, "web", func(c *events.CreateVM) { c.Net = "blue" })
+	vm, _, _ := r.reader.VM(ctx, "web")
+	n, _, _ := r.reader.Net(ctx, "blue")
+	if got, _ := n.BindingOf(vm.UID); got.Endpoint != "192.0.2."+vm.Host[1:] {
+		t.Fatalf("binding %+v", got)
+	}
+	agentStartedAt(t, r, vm.Host, "198.51.100.7")
+	reconcile(t, b, r)
+	n, _, _ = r.reader.Net(ctx, "blue")
+	if got, _ := n.BindingOf(vm.UID); got.Endpoint != "198.51.100.7" || got.Host != vm.Host {
+		t.Fatalf("after the endpoint moved: %+v", got)
+	}
+	seq := lastSeq(t, b)
+	reconcile(t, b, r)
+	if lastSeq(t, b) != seq {
+		t.Fatal("a second pass bound it again")
+	}
+}

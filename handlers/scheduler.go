@@ -105,6 +105,7 @@ func (s *Service) ReconcileOnce(ctx context.Context) error {
 	errs = append(errs, s.scheduleCheckpoints(ctx, vms))
 	errs = append(errs, s.advanceMigrations(ctx, vms))
 	errs = append(errs, s.releaseOrphanAddresses(ctx, vms))
+	errs = append(errs, s.rebindMovedEndpoints(ctx, hosts))
 	return errors.Join(errs...)
 }
 
