@@ -259,10 +259,10 @@ func ValidateCheckpointID(id string) error {
 	return nil
 }
 
-// DeriveCheckpointID derives the id of the checkpoint (or restore) a
-// command makes: the same command always derives the same id, so a retry
-// names the same files.
-func DeriveCheckpointID(prefix, actor, commandID string) string {
+// DeriveStepID derives the id of the checkpoint, restore or migration a
+// command makes, prefix first: the same command always derives the same
+// id, so a retry names the same files.
+func DeriveStepID(prefix, actor, commandID string) string {
 	return prefix + "-" + derive("checkpoint", actor, commandID)[:16]
 }
 

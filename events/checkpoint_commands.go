@@ -96,28 +96,3 @@ func (c *ScheduleCheckpoints) Validate() error {
 	}
 	return c.CommandMeta.Validate()
 }
-
-// VerbMigrate moves a running VM to another host while it runs.
-const VerbMigrate = "migrate"
-
-// MigrateVM moves a VM to To, or to a host the scheduler chooses; with
-// Cancel, it asks the source to abort the migration under way.
-type MigrateVM struct {
-	CommandMeta `msgpack:",inline"`
-	Name        string `msgpack:"name" json:"name"`
-	To          string `msgpack:"to,omitempty" json:"to,omitempty"`
-	Cancel      bool   `msgpack:"cancel,omitempty" json:"cancel,omitempty"`
-}
-
-// Validate checks a MigrateVM's arguments.
-func (c *MigrateVM) Validate() error {
-	if err := ValidateName("vm", c.Name); err != nil {
-		return err
-	}
-	if c.To != "" {
-		if err := ValidateName("host", c.To); err != nil {
-			return err
-		}
-	}
-	return c.CommandMeta.Validate()
-}

@@ -13,14 +13,21 @@ import (
 // would, chained to the subject's last message.
 func report(t *testing.T, r *replica, host, vm string, ev events.Event) {
 	t.Helper()
-	subject := events.ObservationSubject(host, events.KindVM, vm)
+	reportOn(t, r, host, events.KindVM, vm, ev)
+}
+
+// reportOn publishes ev on host's observation subject of (kind, id),
+// chained to the subject's last message.
+func reportOn(t *testing.T, r *replica, host string, kind events.Kind, id string, ev events.Event) {
+	t.Helper()
+	subject := events.ObservationSubject(host, kind, id)
 	ctx := context.Background()
 	var prev []byte
 	last, err := bus.LastOnSubject(ctx, r.nc, events.StreamEvents, subject)
 	if err == nil {
 		prev = events.Hash(last.Data)
 	}
-	env, data, err := events.Seal(ev, events.KindVM, vm, events.Origin{Actor: "agent:" + host, Time: time.Now()}, 0, prev)
+	env, data, err := events.Seal(ev, kind, id, events.Origin{Actor: "agent:" + host, Time: time.Now()}, 0, prev)
 	if err != nil {
 		t.Fatal(err)
 	}

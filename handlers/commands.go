@@ -105,7 +105,7 @@ func (s *Service) serveCheckpoint(ctx context.Context, req *request) *events.Rep
 	if fault != nil {
 		return failed(fault, nil)
 	}
-	id := events.DeriveCheckpointID(prefixCheckpoint, c.actor, c.id)
+	id := events.DeriveStepID(prefixCheckpoint, c.actor, c.id)
 	return s.single(ctx, c, func(ctx context.Context) (stepResult, *events.Fault) {
 		if fault := s.reportsSeen(ctx, cmd.Name); fault != nil {
 			return stepResult{}, fault
@@ -122,7 +122,7 @@ func (s *Service) serveRestore(ctx context.Context, req *request) *events.Reply 
 	if fault != nil {
 		return failed(fault, nil)
 	}
-	restore := events.DeriveCheckpointID(prefixRestore, c.actor, c.id)
+	restore := events.DeriveStepID(prefixRestore, c.actor, c.id)
 	return s.single(ctx, c, func(ctx context.Context) (stepResult, *events.Fault) {
 		if fault := s.reportsSeen(ctx, cmd.Name); fault != nil {
 			return stepResult{}, fault

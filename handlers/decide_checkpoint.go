@@ -63,11 +63,8 @@ func decideRestore(vm events.VMState, cmd *events.RestoreVM, restore string) (ev
 // host the VM left is deleted from the catalog, and the event says its
 // files stay there.
 func decideDeleteCheckpoint(vm events.VMState, name, checkpoint, reason string) (events.Event, *events.Fault) {
-	switch {
-	case vm.Phase == events.PhaseDeleting:
-		return nil, events.Errorf(events.CodeVMDeleting, "vm %s is being deleted, and its checkpoints with it", name)
-	case !vm.Exists():
-		return nil, events.Errorf(events.CodeVMNotFound, "no vm %s", name)
+	if fault := liveFault(vm, name); fault != nil {
+		return nil, fault
 	}
 	c, ok := vm.CheckpointOf(checkpoint)
 	switch {
@@ -85,11 +82,8 @@ func decideDeleteCheckpoint(vm events.VMState, name, checkpoint, reason string) 
 // decideSchedule sets or clears the VM's checkpoint schedule; setting the
 // one it has changes nothing.
 func decideSchedule(vm events.VMState, cmd *events.ScheduleCheckpoints) (events.Event, *events.Fault) {
-	switch {
-	case vm.Phase == events.PhaseDeleting:
-		return nil, events.Errorf(events.CodeVMDeleting, "vm %s is being deleted", cmd.Name)
-	case !vm.Exists():
-		return nil, events.Errorf(events.CodeVMNotFound, "no vm %s", cmd.Name)
+	if fault := liveFault(vm, cmd.Name); fault != nil {
+		return nil, fault
 	}
 	want := events.VMCheckpointScheduled{UID: vm.UID}
 	if cmd.EveryMillis > 0 {
@@ -111,13 +105,10 @@ func decideSchedule(vm events.VMState, cmd *events.ScheduleCheckpoints) (events.
 
 // liveForStep refuses a checkpoint step on a VM that cannot take one now.
 func liveForStep(vm events.VMState, name string) *events.Fault {
+	if fault := placedFault(vm, name); fault != nil {
+		return fault
+	}
 	switch {
-	case vm.Phase == events.PhaseDeleting:
-		return events.Errorf(events.CodeVMDeleting, "vm %s is being deleted", name)
-	case !vm.Exists():
-		return events.Errorf(events.CodeVMNotFound, "no vm %s", name)
-	case vm.Phase != events.PhasePlaced:
-		return events.Errorf(events.CodeVMNotPlaced, "vm %s is not placed on a host yet", name)
 	case vm.Migration != nil:
 		return migratingFault(vm, name)
 	case vm.Step != nil:
@@ -133,4 +124,26 @@ func stepVerb(op string) string {
 		return "restored"
 	}
 	return "taken"
+}
+
+// liveFault refuses a command on a VM that is gone or going.
+func liveFault(vm events.VMState, name string) *events.Fault {
+	switch {
+	case vm.Phase == events.PhaseDeleting:
+		return events.Errorf(events.CodeVMDeleting, "vm %s is being deleted", name)
+	case !vm.Exists():
+		return events.Errorf(events.CodeVMNotFound, "no vm %s", name)
+	}
+	return nil
+}
+
+// placedFault refuses a command that needs the VM on a host.
+func placedFault(vm events.VMState, name string) *events.Fault {
+	if fault := liveFault(vm, name); fault != nil {
+		return fault
+	}
+	if vm.Phase != events.PhasePlaced {
+		return events.Errorf(events.CodeVMNotPlaced, "vm %s is not placed on a host yet", name)
+	}
+	return nil
 }

@@ -21,13 +21,10 @@ const (
 
 // migratable refuses a migration of vm now, or says nothing.
 func migratable(vm events.VMState, name string) *events.Fault {
+	if fault := placedFault(vm, name); fault != nil {
+		return fault
+	}
 	switch {
-	case vm.Phase == events.PhaseDeleting:
-		return events.Errorf(events.CodeVMDeleting, "vm %s is being deleted", name)
-	case !vm.Exists():
-		return events.Errorf(events.CodeVMNotFound, "no vm %s", name)
-	case vm.Phase != events.PhasePlaced:
-		return events.Errorf(events.CodeVMNotPlaced, "vm %s is not placed on a host yet", name)
 	case vm.Migration != nil:
 		return events.Errorf(events.CodeVMMigrating, "vm %s is already moving from %s to %s (migration %s)", name, vm.Migration.From, vm.Migration.To, vm.Migration.ID)
 	case vm.Step != nil:

@@ -4,10 +4,8 @@ import (
 	"context"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/loomctl/loom/events"
-	"github.com/loomctl/loom/events/bus"
 )
 
 // observeAbsent publishes what the agent of host reports once it destroyed
@@ -20,20 +18,7 @@ func observeAbsent(t *testing.T, r *replica, host, vm, uid string, incarnation u
 // observe publishes an observation as the agent of host would.
 func observe(t *testing.T, r *replica, host, vm string, obs events.VMObserved) {
 	t.Helper()
-	subject := events.ObservationSubject(host, events.KindVM, vm)
-	ctx := context.Background()
-	var prev []byte
-	last, err := bus.LastOnSubject(ctx, r.nc, events.StreamEvents, subject)
-	if err == nil {
-		prev = events.Hash(last.Data)
-	}
-	env, data, err := events.Seal(obs, events.KindVM, vm, events.Origin{Actor: "agent:" + host, Time: time.Now()}, 0, prev)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := bus.AppendExpecting(ctx, r.js, subject, &env, data, bus.Expect{Seq: last.Seq}, ""); err != nil {
-		t.Fatal(err)
-	}
+	report(t, r, host, vm, obs)
 }
 
 func TestGate_CreatePlacesUnderItsLeases(t *testing.T) {

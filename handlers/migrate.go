@@ -58,7 +58,7 @@ func (s *Service) serveMigrate(ctx context.Context, req *request) *events.Reply 
 // or neither happens. It decides again when another writer moved either
 // subject.
 func (s *Service) startMigration(ctx context.Context, c *command, cmd *events.MigrateVM) (appended []events.Appended, replayed bool, fault *events.Fault) {
-	id := events.DeriveCheckpointID(prefixMigration, c.actor, c.id)
+	id := events.DeriveStepID(prefixMigration, c.actor, c.id)
 	for attempt := 1; ; attempt++ {
 		vm, vmHead, err := s.cfg.Reader.VM(ctx, cmd.Name)
 		if err != nil {

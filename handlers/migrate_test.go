@@ -3,10 +3,8 @@ package handlers
 import (
 	"context"
 	"testing"
-	"time"
 
 	"github.com/loomctl/loom/events"
-	"github.com/loomctl/loom/events/bus"
 )
 
 // agentStarted reports, as host's agent would, how other hosts migrate
@@ -19,21 +17,8 @@ func agentStarted(t *testing.T, r *replica, host string) {
 // agentStartedAt is agentStarted with the host's tunnel endpoint.
 func agentStartedAt(t *testing.T, r *replica, host, endpoint string) {
 	t.Helper()
-	subject := events.ObservationSubject(host, events.KindHost, host)
-	ctx := context.Background()
-	var prev []byte
-	last, err := bus.LastOnSubject(ctx, r.nc, events.StreamEvents, subject)
-	if err == nil {
-		prev = events.Hash(last.Data)
-	}
-	env, data, err := events.Seal(events.HostAgentStarted{Agent: "a-" + host, StorageDir: "/var/lib/loom/" + host,
-		MigrateURI: "qemu+tcp://" + host + "/system", MigrateListen: "tcp:" + host, TunnelEndpoint: endpoint}, events.KindHost, host, events.Origin{Actor: "agent:" + host, Time: time.Now()}, 0, prev)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := bus.AppendExpecting(ctx, r.js, subject, &env, data, bus.Expect{Seq: last.Seq}, ""); err != nil {
-		t.Fatal(err)
-	}
+	reportOn(t, r, host, events.KindHost, host, events.HostAgentStarted{Agent: "a-" + host, StorageDir: "/var/lib/loom/" + host,
+		MigrateURI: "qemu+tcp://" + host + "/system", MigrateListen: "tcp:" + host, TunnelEndpoint: endpoint})
 }
 
 // migrating creates web, makes the other host able to receive it and

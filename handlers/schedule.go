@@ -62,7 +62,7 @@ func checkpointDue(vm events.VMState, now time.Time) (due bool, after uint64) {
 func (s *Service) requestScheduled(ctx context.Context, vm events.VMState, after uint64) error {
 	c := newCommand(schedulerActor, "checkpoint-"+vm.UID+"-"+strconv.FormatUint(after, 10), "", events.Origin{Time: s.cfg.Now()})
 	cmd := events.CheckpointVM{Name: vm.Name, Kind: vm.Schedule.Kind}
-	id := events.DeriveCheckpointID(prefixCheckpoint, c.actor, c.id)
+	id := events.DeriveStepID(prefixCheckpoint, c.actor, c.id)
 	res, fault := appendStep(ctx, s, s.vms, c, vm.Name, stepOnly, events.TypeVMCheckpointRequested, func(state *events.VMState) (events.Event, *events.Fault) {
 		if state.UID != vm.UID || state.Schedule == nil {
 			return nil, nil // another incarnation, or the schedule was cleared meanwhile

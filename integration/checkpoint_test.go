@@ -33,6 +33,23 @@ func heartbeats(t *testing.T, serial string) []int {
 	return out
 }
 
+// bootGuest creates web from the tiny image (on net, if not empty) and
+// waits until its guest prints its heartbeat; it returns the VM and its
+// serial log.
+func bootGuest(t *testing.T, f *fleet, net string) (events.VMView, string) {
+	t.Helper()
+	reply := f.mustCommand(events.KindVM, events.VerbCreate, &events.CreateVM{Name: "web", Image: "tiny", CPU: 1, MemoryMiB: 128, Net: net})
+	vm := f.converged("web", reply.LastSeq())
+	serial := filepath.Join(f.hosts[vm.Host].storage, "web-"+vm.UID+".serial")
+	waitFor(t, 90*time.Second, "the guest's heartbeat", func() error {
+		if n := len(heartbeats(t, serial)); n < 3 {
+			return fmt.Errorf("%d heartbeats", n)
+		}
+		return nil
+	})
+	return vm, serial
+}
+
 // waitStep waits until the host reported on vm's checkpoint step and vm
 // converged, and returns vm.
 func waitStep(t *testing.T, f *fleet, vm string, reply *events.Reply) events.VMView {
@@ -58,21 +75,12 @@ func waitStep(t *testing.T, f *fleet, vm string, reply *events.Reply) events.VMV
 // and the VM's history tells it all, in order.
 func TestCheckpoint_QEMUCheckpointRestore(t *testing.T) {
 	f := newQEMUFleet(t, 32)
-	reply := f.mustCommand(events.KindVM, events.VerbCreate, &events.CreateVM{Name: "web", Image: "tiny", CPU: 1, MemoryMiB: 128})
-	vm := f.converged("web", reply.LastSeq())
-	storage := f.hosts[vm.Host].storage
-	serial := filepath.Join(storage, "web-"+vm.UID+".serial")
-	waitFor(t, 90*time.Second, "the guest's heartbeat", func() error {
-		if n := len(heartbeats(t, serial)); n < 3 {
-			return fmt.Errorf("%d heartbeats", n)
-		}
-		return nil
-	})
+	_, serial := bootGuest(t, f, "")
 
 	before := slices.Max(heartbeats(t, serial))
 	started := time.Now()
-	reply = f.mustCommand(events.KindVM, events.VerbCheckpoint, &events.CheckpointVM{Name: "web", Kind: events.CheckpointFull})
-	vm = waitStep(t, f, "web", reply)
+	reply := f.mustCommand(events.KindVM, events.VerbCheckpoint, &events.CheckpointVM{Name: "web", Kind: events.CheckpointFull})
+	vm := waitStep(t, f, "web", reply)
 	after := slices.Max(heartbeats(t, serial))
 	if len(vm.Checkpoints) != 1 || vm.Checkpoints[0].State != events.CheckpointTaken {
 		t.Fatalf("catalog after the checkpoint: %+v", vm.Checkpoints)

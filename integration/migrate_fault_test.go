@@ -6,7 +6,6 @@ import (
 	"context"
 	"fmt"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"testing"
 	"time"
@@ -21,21 +20,13 @@ import (
 // runs on where it was, under the grants it had, its guest counting on.
 func TestMigrate_QEMUTargetDiesMidway(t *testing.T) {
 	f := newQEMUFleet(t, 36, 37)
-	reply := f.mustCommand(events.KindVM, events.VerbCreate, &events.CreateVM{Name: "web", Image: "tiny", CPU: 1, MemoryMiB: 128})
-	vm := f.converged("web", reply.LastSeq())
+	vm, serial := bootGuest(t, f, "")
 	source := vm.Host
 	target := map[string]string{"host-1": "host-2", "host-2": "host-1"}[source]
-	serial := filepath.Join(f.hosts[source].storage, "web-"+vm.UID+".serial")
-	waitFor(t, 90*time.Second, "the guest's heartbeat", func() error {
-		if n := len(heartbeats(t, serial)); n < 3 {
-			return fmt.Errorf("%d heartbeats", n)
-		}
-		return nil
-	})
 	// The incoming QEMU outlives its daemon: stop it with the test.
 	t.Cleanup(func() { _ = exec.Command("pkill", "-KILL", "-f", f.hosts[target].storage).Run() })
 
-	reply = f.mustCommand(events.KindVM, events.VerbMigrate, &events.MigrateVM{Name: "web", To: target})
+	reply := f.mustCommand(events.KindVM, events.VerbMigrate, &events.MigrateVM{Name: "web", To: target})
 	waitFor(t, 60*time.Second, "the incoming domain on "+target, func() error {
 		if _, err := f.hosts[target].virt.Lookup(context.Background(), "web"); err != nil {
 			return err

@@ -45,17 +45,9 @@ func waitMigrationEnded(t *testing.T, f *fleet, vm string, reply *events.Reply) 
 func TestMigrate_QEMULiveMigration(t *testing.T) {
 	f := newQEMUFleet(t, 34, 35)
 	f.mustCommand(events.KindNet, events.VerbCreate, &events.CreateNet{Name: "blue", CIDR: "10.77.0.0/24", VNI: 77})
-	reply := f.mustCommand(events.KindVM, events.VerbCreate, &events.CreateVM{Name: "web", Image: "tiny", CPU: 1, MemoryMiB: 128, Net: "blue"})
-	vm := f.converged("web", reply.LastSeq())
+	vm, serial := bootGuest(t, f, "blue")
 	source := vm.Host
 	target := map[string]string{"host-1": "host-2", "host-2": "host-1"}[source]
-	serial := filepath.Join(f.hosts[source].storage, "web-"+vm.UID+".serial")
-	waitFor(t, 90*time.Second, "the guest's heartbeat", func() error {
-		if n := len(heartbeats(t, serial)); n < 3 {
-			return fmt.Errorf("%d heartbeats", n)
-		}
-		return nil
-	})
 	// The guest took its address, and the other host sends it there.
 	if data, _ := os.ReadFile(serial); !strings.Contains(string(data), "loom-net eth0 10.77.0.2") {
 		t.Fatalf("the guest did not configure its address:\n%s", data)
@@ -85,7 +77,7 @@ func TestMigrate_QEMULiveMigration(t *testing.T) {
 		}
 		return nil
 	})
-	reply = f.mustCommand(events.KindVM, events.VerbMigrate, &events.MigrateVM{Name: "web", To: target})
+	reply := f.mustCommand(events.KindVM, events.VerbMigrate, &events.MigrateVM{Name: "web", To: target})
 	failed := waitMigrationEnded(t, f, "web", reply)
 	if l := failed.LastMigration; l.Moved || failed.Host != source || l.Fault == nil || !slices.Equal(failed.Leases, vm.Leases) {
 		t.Fatalf("a failed migration: host %s, last %+v, leases %v (were %v)", failed.Host, l, failed.Leases, vm.Leases)

@@ -82,14 +82,11 @@ func newVMCommand(flags *clientFlags) *cobra.Command {
 	get := &cobra.Command{
 		Use: "get NAME", Short: "Show a VM: its goal, what its host observed, and whether they agree", Args: cobra.ExactArgs(1),
 		RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
-			reply, err := c.query(cmd.Context(), events.KindVM, events.VerbGet, events.Query{Name: args[0]})
+			vm, err := getVM(cmd.Context(), c, args[0], 0)
 			if err != nil {
 				return err
 			}
-			if len(reply.VMs) != 1 {
-				return events.Errorf(events.CodeVMNotFound, "no VM %q", args[0])
-			}
-			return printVM(cmd.OutOrStdout(), flags.output, &reply.VMs[0])
+			return printVM(cmd.OutOrStdout(), flags.output, vm)
 		}),
 	}
 	cmd.AddCommand(createCmd,
