@@ -186,14 +186,17 @@ cmd_stop() {
 	stop_guests "$dir"
 }
 
-# stop_guests kills what still runs in the daemon's network namespace: the
-# QEMU guests it started, which a killed (or stopped) libvirtd leaves behind.
+# stop_guests kills the QEMU guests still running in the daemon's network
+# namespace, which a killed (or stopped) libvirtd leaves behind. Only QEMU:
+# a test's own process may have a thread in that namespace (a pinger).
 stop_guests() {
-	local dir=$1 ns p
+	local dir=$1 ns p comm
 	[ -s "$dir/netns" ] || return 0
 	ns=$(cat "$dir/netns")
 	[ "$ns" = "$(readlink /proc/self/ns/net)" ] && return 0 # never the caller's own
 	for p in /proc/[0-9]*; do
+		comm=$(cat "$p/comm" 2>/dev/null) || continue
+		case "$comm" in qemu-*) ;; *) continue ;; esac
 		if [ "$(readlink "$p/ns/net" 2>/dev/null)" = "$ns" ]; then
 			kill -KILL "${p#/proc/}" 2>/dev/null || true
 		fi
