@@ -90,6 +90,18 @@ const (
 	CodeNetExists Code = 9002
 	// Every address of the net is held by a VM: make a larger net, or delete VMs.
 	CodeNetFull Code = 9003
+	// A stream sequence is missing from the history: an event was removed, or a subject dropped. `loom audit verify` names the first missing sequence.
+	CodeHistoryGap Code = 10001
+	// An event's hash of the previous event on its subject does not match that event: one of the two was changed, or events of the subject were removed or reordered.
+	CodeChainBroken Code = 10002
+	// The events a seal covers do not hash to the root it signed, or the seal does not follow the seal before it: something it covers was changed, removed or reordered.
+	CodeSealMismatch Code = 10003
+	// A seal's signature does not verify with the public key given for its key id: the wrong key was given, or the seal was forged.
+	CodeBadSignature Code = 10004
+	// A seal names a key whose public key was not given (`--key`), or that the pin file does not trust.
+	CodeUnknownKey Code = 10005
+	// The history is not the one the pin file recorded: its first seal differs, it ends before the last seal pinned (a cut tail, or an older copy restored), or its root at the pinned seal differs.
+	CodePinMismatch Code = 10006
 )
 
 // catalog maps each code to its name and description.
@@ -137,4 +149,10 @@ var catalog = map[Code]codeInfo{
 	CodeNetNotFound:            {"net_not_found", "No virtual network is registered under that name."},
 	CodeNetExists:              {"net_exists", "A net of that name already exists with another prefix or segment."},
 	CodeNetFull:                {"net_full", "Every address of the net is held by a VM: make a larger net, or delete VMs."},
+	CodeHistoryGap:             {"history_gap", "A stream sequence is missing from the history: an event was removed, or a subject dropped. `loom audit verify` names the first missing sequence."},
+	CodeChainBroken:            {"chain_broken", "An event's hash of the previous event on its subject does not match that event: one of the two was changed, or events of the subject were removed or reordered."},
+	CodeSealMismatch:           {"seal_mismatch", "The events a seal covers do not hash to the root it signed, or the seal does not follow the seal before it: something it covers was changed, removed or reordered."},
+	CodeBadSignature:           {"bad_signature", "A seal's signature does not verify with the public key given for its key id: the wrong key was given, or the seal was forged."},
+	CodeUnknownKey:             {"unknown_key", "A seal names a key whose public key was not given (`--key`), or that the pin file does not trust."},
+	CodePinMismatch:            {"pin_mismatch", "The history is not the one the pin file recorded: its first seal differs, it ends before the last seal pinned (a cut tail, or an older copy restored), or its root at the pinned seal differs."},
 }

@@ -88,6 +88,7 @@ var registry = map[Type]typeInfo{
 	TypeNetCreated:            current[NetCreated](),
 	TypeNetAddressBound:       current[NetAddressBound](),
 	TypeNetAddressReleased:    current[NetAddressReleased](),
+	TypeAuditSealed:           current[AuditSealed](),
 }
 
 // Types lists every registered event type with its newest version.

@@ -71,6 +71,7 @@ var samples = map[Type]Event{
 	TypeNetAddressBound: NetAddressBound{Addr: "10.77.0.2", MAC: "02:11:22:33:44:55", VM: "web-1", UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc",
 		Host: "h2", Endpoint: "10.0.0.2"},
 	TypeNetAddressReleased:  NetAddressReleased{Addr: "10.77.0.2", UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Reason: "deleted"},
+	TypeAuditSealed:         AuditSealed{From: 1, To: 4811, Root: make([]byte, 32), PrevSeal: 4790, KeyID: "0123456789abcdef", Sig: make([]byte, 64)},
 	TypeVMCheckpointRemoved: VMCheckpointRemoved{UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Checkpoints: []string{"ck-0123456789abcdef"}, KeptDisk: []string{"ck-0123456789abcdef"}},
 }
 

@@ -438,7 +438,7 @@ func newEvent(t testing.TB, typ events.Type) events.Event {
 		events.TypeVMMigrationReceived: &events.VMMigrationReceived{}, events.TypeVMMigrationSent: &events.VMMigrationSent{},
 		events.TypeVMMigrationAborted: &events.VMMigrationAborted{}, events.TypeHostAgentStarted: &events.HostAgentStarted{},
 		events.TypeNetCreated: &events.NetCreated{}, events.TypeNetAddressBound: &events.NetAddressBound{},
-		events.TypeNetAddressReleased: &events.NetAddressReleased{},
+		events.TypeNetAddressReleased: &events.NetAddressReleased{}, events.TypeAuditSealed: &events.AuditSealed{},
 	}
 	if len(known) != len(events.Types()) {
 		t.Fatalf("newEvent knows %d event types, events has %d: add the new ones", len(known), len(events.Types()))
