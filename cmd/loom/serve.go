@@ -3,10 +3,12 @@ package main
 import (
 	"log/slog"
 	"os"
+	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/loomctl/loom/cmd/loom/plane"
+	"github.com/loomctl/loom/handlers"
 )
 
 // registerNATSFlags binds the flags that choose the NATS server.
@@ -17,12 +19,24 @@ func registerNATSFlags(cmd *cobra.Command, c *plane.NATSConfig) {
 	cmd.Flags().IntVar(&c.Replicas, "replicas", 1, "replicas of Loom's streams (3 or 5 on a cluster)")
 }
 
+// sealFlags choose how the control plane seals the history.
+type sealFlags struct {
+	key   string
+	every time.Duration
+}
+
+func (f *sealFlags) register(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&f.key, "seal-key", "", "the ed25519 key (PKCS #8 PEM, mode 0600) that signs the history's seals; made on first start if missing (default DATA-DIR/seal.key, public key beside it as seal.pub)")
+	cmd.Flags().DurationVar(&f.every, "seal-every", handlers.DefaultSealEvery, "how often to seal the events appended since the last seal")
+}
+
 func newServeCommand() *cobra.Command {
 	var (
 		natsCfg  plane.NATSConfig
 		dataDir  string
 		httpAddr string
 		verbose  bool
+		seal     sealFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -35,9 +49,11 @@ func newServeCommand() *cobra.Command {
 				return err
 			}
 			defer conn.Close()
-			return plane.RunControlPlane(cmd.Context(), conn, plane.ControlPlaneConfig{DataDir: dataDir, HTTPAddr: httpAddr}, log)
+			return plane.RunControlPlane(cmd.Context(), conn, plane.ControlPlaneConfig{DataDir: dataDir, HTTPAddr: httpAddr,
+				SealKey: seal.key, SealEvery: seal.every}, log)
 		},
 	}
+	seal.register(cmd)
 	registerNATSFlags(cmd, &natsCfg)
 	cmd.Flags().StringVar(&dataDir, "data-dir", defaultDataDir(), "where the embedded NATS and the read models keep their files")
 	cmd.Flags().StringVar(&httpAddr, "http", "127.0.0.1:9464", "HTTP address for /metrics and /readyz (empty: none)")

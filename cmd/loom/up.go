@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/loomctl/loom/cmd/loom/plane"
 	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/audit"
 )
 
 // upConfig configures `loom up`.
@@ -25,6 +27,7 @@ type upConfig struct {
 	hostMiB  int
 	qemu     bool
 	verbose  bool
+	seal     sealFlags
 }
 
 func newUpCommand() *cobra.Command {
@@ -52,6 +55,7 @@ overlay on it. Ctrl-C stops everything it started. Needs root.`,
 	cmd.Flags().IntVar(&cfg.hostMiB, "host-mem", 32768, "memory each simulated host offers, MiB")
 	cmd.Flags().BoolVar(&cfg.qemu, "qemu", false, "run real QEMU guests instead of the test driver")
 	cmd.Flags().BoolVarP(&cfg.verbose, "verbose", "v", false, "debug logging")
+	cfg.seal.register(cmd)
 	return cmd
 }
 
@@ -90,7 +94,8 @@ func runUp(ctx context.Context, cfg upConfig, out io.Writer) error {
 
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
-		return plane.RunControlPlane(ctx, conn, plane.ControlPlaneConfig{DataDir: dataDir, HTTPAddr: cfg.httpAddr}, log)
+		return plane.RunControlPlane(ctx, conn, plane.ControlPlaneConfig{DataDir: dataDir, HTTPAddr: cfg.httpAddr,
+			SealKey: cfg.seal.key, SealEvery: cfg.seal.every}, log)
 	})
 	for i, socket := range sockets {
 		name := hostName(i)
@@ -155,6 +160,8 @@ func printWhere(w io.Writer, conn *plane.Connection, cfg upConfig, dataDir strin
 		fmt.Fprintf(w, "  metrics     http://%s/metrics   readiness http://%s/readyz\n", cfg.httpAddr, cfg.httpAddr)
 	}
 	fmt.Fprintf(w, "  data        %s\n", dataDir)
+	sealKey := cmp.Or(cfg.seal.key, filepath.Join(dataDir, "seal.key"))
+	fmt.Fprintf(w, "  seals       signed with %s; auditors verify with %s\n", sealKey, audit.PublicPath(sealKey))
 	for i, s := range sockets {
 		fmt.Fprintf(w, "  %-10s  libvirtd %s (%s), %d CPU, %d MiB\n", hostName(i), s, kind.uri, cfg.hostCPU, cfg.hostMiB)
 	}

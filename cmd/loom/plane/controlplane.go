@@ -2,6 +2,7 @@ package plane
 
 import (
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -13,6 +14,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/audit"
 	"github.com/loomctl/loom/events/bus"
 	"github.com/loomctl/loom/handlers"
 	"github.com/loomctl/loom/projections"
@@ -33,6 +35,13 @@ type ControlPlaneConfig struct {
 	// Unsafe switches protections off, for the tests that show what each
 	// guards.
 	Unsafe handlers.Unsafe
+	// SealKey is the ed25519 key that signs the history's seals; empty
+	// means DataDir/seal.key, made on first start with its public key
+	// beside it (seal.pub), which is what auditors verify with.
+	SealKey string
+	// SealEvery is how often the history is sealed; zero means
+	// handlers.DefaultSealEvery.
+	SealEvery time.Duration
 }
 
 // RunControlPlane runs every part of `loom serve` until ctx ends.
@@ -82,6 +91,11 @@ func RunControlPlane(ctx context.Context, conn *Connection, cfg ControlPlaneConf
 		return err
 	}
 
+	sealer, err := newSealer(conn, cfg, log)
+	if err != nil {
+		return err
+	}
+
 	registry := newRegistry(append(store.Collectors(), commands.Collectors()...)...)
 
 	g, ctx := errgroup.WithContext(ctx)
@@ -89,6 +103,7 @@ func RunControlPlane(ctx context.Context, conn *Connection, cfg ControlPlaneConf
 	g.Go(func() error { return dispatcher.Run(ctx) })
 	g.Go(func() error { return commands.RunScheduler(ctx) })
 	g.Go(func() error { return commands.RunDetector(ctx) })
+	g.Go(func() error { return sealer.Run(ctx) })
 	if httpAddr != "" {
 		mux := metricsMux(registry)
 		mux.Handle("/readyz", readyHandler(conn, store))
@@ -103,6 +118,24 @@ func RunControlPlane(ctx context.Context, conn *Connection, cfg ControlPlaneConf
 		return nil
 	}
 	return err
+}
+
+// newSealer loads the seal key, making it on first start.
+func newSealer(conn *Connection, cfg ControlPlaneConfig, log *slog.Logger) (*handlers.Sealer, error) {
+	path := cfg.SealKey
+	if path == "" {
+		path = filepath.Join(cfg.DataDir, "seal.key")
+	}
+	key, created, err := audit.EnsureKey(path)
+	if err != nil {
+		return nil, fmt.Errorf("seal key: %w", err)
+	}
+	if created {
+		log.Info("made the key that seals the history: give auditors its public key", "key", path,
+			"public", audit.PublicPath(path), "id", audit.KeyID(key.Public().(ed25519.PublicKey)))
+	}
+	return handlers.NewSealer(handlers.SealerConfig{JS: conn.JS, Conn: conn.Conn, Key: key, Every: cfg.SealEvery,
+		Logger: log})
 }
 
 // readyHandler answers /readyz: ready means connected to NATS and the read
