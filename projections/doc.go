@@ -9,7 +9,7 @@
 //
 //	store, err := projections.Open(dir, projections.Options{Logger: log, OnCommit: notify})
 //	defer store.Close()                           // after Run has returned
-//	store.AddQueryEndpoints(svc)                  // loom.q.{vm,host,image}.{get,list}
+//	store.AddQueryEndpoints(svc)                  // loom.q.{vm,host,image,net,lease}.{get,list}
 //	g.Go(func() error { return store.Run(ctx, js) })
 //
 // Run is the only writer. It reads LOOM_EVENTS with an ordered consumer
@@ -33,6 +33,11 @@
 //
 // After each commit, Options.OnCommit hears the applied sequence and the
 // VMs whose rows changed (the dispatcher's cue), on the runner's goroutine.
+//
+// ReplayTo is Run for an auditor: it applies the stream in the same way up
+// to one sequence and stops there, so the store answers (Answer, the same
+// table AddQueryEndpoints serves) as the live read models did at that
+// point. By default it stops before a message that does not decode.
 //
 // # Storage
 //

@@ -16,21 +16,17 @@ import (
 // answerFunc answers one decoded query from a consistent view.
 type answerFunc func(v *view, q *events.Query) *events.QueryReply
 
-// AddQueryEndpoints serves the read models on svc: loom.q.vm.get,
-// loom.q.vm.list, loom.q.host.get, loom.q.host.list, loom.q.image.get,
-// loom.q.image.list, loom.q.lease.get and loom.q.lease.list, in svc's
-// queue group. A request body is an
-// events.Query in JSON or msgpack (an empty body lists everything); the
-// reply is an events.QueryReply in the request's format. A query with
-// MinSeq waits, off the subscription's goroutine, until the read models
-// have applied it, at most Options.QueryWait. Errors come as
-// QueryReply.Error and as micro's error headers.
-func (s *Store) AddQueryEndpoints(svc micro.Service) error {
-	endpoints := []struct {
-		kind   events.Kind
-		verb   string
-		answer answerFunc
-	}{
+// queryEndpoint is one query the read models answer.
+type queryEndpoint struct {
+	kind   events.Kind
+	verb   string
+	answer answerFunc
+}
+
+// queryEndpoints are the queries of loom.q.*: AddQueryEndpoints serves
+// them and Answer answers them, from this one table.
+func queryEndpoints() []queryEndpoint {
+	return []queryEndpoint{
 		{events.KindVM, events.VerbGet, answerVM},
 		{events.KindVM, events.VerbList, answerVMs},
 		{events.KindHost, events.VerbGet, answerHost},
@@ -42,21 +38,60 @@ func (s *Store) AddQueryEndpoints(svc micro.Service) error {
 		{events.KindLease, events.VerbGet, answerLease},
 		{events.KindLease, events.VerbList, answerLeases},
 	}
-	for _, ep := range endpoints {
+}
+
+// check refuses a query the endpoint cannot answer whatever the read
+// models hold.
+func (ep queryEndpoint) check(q *events.Query) *events.Fault {
+	if ep.verb == events.VerbGet && q.Name == "" {
+		return events.Errorf(events.CodeInvalidArgument, "name is required")
+	}
+	return nil
+}
+
+// AddQueryEndpoints serves the read models on svc: loom.q.vm.get,
+// loom.q.vm.list, loom.q.host.get, loom.q.host.list, loom.q.image.get,
+// loom.q.image.list, loom.q.net.get, loom.q.net.list, loom.q.lease.get
+// and loom.q.lease.list, in svc's queue group. A request body is an
+// events.Query in JSON or msgpack (an empty body lists everything); the
+// reply is an events.QueryReply in the request's format. A query with
+// MinSeq waits, off the subscription's goroutine, until the read models
+// have applied it, at most Options.QueryWait. Errors come as
+// QueryReply.Error and as micro's error headers.
+func (s *Store) AddQueryEndpoints(svc micro.Service) error {
+	for _, ep := range queryEndpoints() {
 		subject := events.QuerySubject(ep.kind, ep.verb)
 		name := "query_" + string(ep.kind) + "_" + ep.verb
-		handler := s.queryHandler(ep.verb == events.VerbGet, ep.answer)
-		if err := svc.AddEndpoint(name, handler, micro.WithEndpointSubject(subject)); err != nil {
+		if err := svc.AddEndpoint(name, s.queryHandler(ep), micro.WithEndpointSubject(subject)); err != nil {
 			return fmt.Errorf("add endpoint %s: %w", subject, err)
 		}
 	}
 	return nil
 }
 
+// Answer answers q as loom.q.<kind>.<verb> would, without NATS: a replayed
+// store has no service in front of it. A query with MinSeq waits until the
+// read models have applied it, at most Options.QueryWait or until ctx
+// ends. Errors come as QueryReply.Error, with codes from the catalog.
+func (s *Store) Answer(ctx context.Context, kind events.Kind, verb string, q *events.Query) *events.QueryReply {
+	for _, ep := range queryEndpoints() {
+		if ep.kind != kind || ep.verb != verb {
+			continue
+		}
+		if f := ep.check(q); f != nil {
+			return s.failed(f)
+		}
+		ctx, cancel := context.WithTimeout(ctx, s.opts.QueryWait)
+		defer cancel()
+		return s.answer(ctx, q, ep.answer)
+	}
+	return s.failed(events.Errorf(events.CodeUnknownCommand, "no query is served on %s", events.QuerySubject(kind, verb)))
+}
+
 // queryHandler decodes a request and answers it at once when the read
 // models have applied its MinSeq; otherwise a query worker waits and
 // answers.
-func (s *Store) queryHandler(get bool, answer answerFunc) micro.Handler {
+func (s *Store) queryHandler(ep queryEndpoint) micro.Handler {
 	return micro.HandlerFunc(func(req micro.Request) {
 		data := req.Data()
 		format := events.SniffFormat(data)
@@ -67,20 +102,20 @@ func (s *Store) queryHandler(get bool, answer answerFunc) micro.Handler {
 				return
 			}
 		}
-		if get && q.Name == "" {
-			s.respond(req, format, s.failed(events.Errorf(events.CodeInvalidArgument, "name is required")), true)
+		if f := ep.check(&q); f != nil {
+			s.respond(req, format, s.failed(f), true)
 			return
 		}
 		if q.MinSeq <= s.Applied() {
 			ctx, cancel := context.WithTimeout(s.queries.base, s.opts.QueryWait)
 			defer cancel()
-			s.respond(req, format, s.answer(ctx, &q, answer), true)
+			s.respond(req, format, s.answer(ctx, &q, ep.answer), true)
 			return
 		}
 		started := s.queries.run(func(ctx context.Context) {
 			ctx, cancel := context.WithTimeout(ctx, s.opts.QueryWait)
 			defer cancel()
-			s.respond(req, format, s.answer(ctx, &q, answer), false)
+			s.respond(req, format, s.answer(ctx, &q, ep.answer), false)
 		})
 		if !started {
 			s.respond(req, format, s.failed(events.Errorf(events.CodeUnavailable, "the read models are closing; retrying is safe")), true)

@@ -1,7 +1,9 @@
 package projections
 
 import (
+	"context"
 	"encoding/json"
+	"reflect"
 	"strconv"
 	"testing"
 	"time"
@@ -238,4 +240,34 @@ func TestQueries_AfterCloseUnavailable(t *testing.T) {
 			t.Fatalf("query %+v after Close: code %d, want unavailable", q, code)
 		}
 	}
+}
+
+// TestAnswer_MatchesService asks every query both ways, through loom.q.*
+// and through Answer: the same table answers both, so the replies agree,
+// errors included.
+func TestAnswer_MatchesService(t *testing.T) {
+	f := newQueryFixture(t, Options{})
+	queries := []events.Query{{}, {Name: "web"}, {Name: "old"}, {Name: "old", IncludeGone: true}, {Name: "h1"}, {Name: "h9"},
+		{Name: "demo"}, {Host: "h1"}, {Name: "image/demo"}, {Resource: "image/demo"}, {Resource: "nonsense"}, {Name: "nope"}}
+	asked := 0
+	for _, ep := range queryEndpoints() {
+		for _, q := range queries {
+			viaService, _ := f.request(ep.kind, ep.verb, msgpackQuery(t, q), events.FormatMsgpack)
+			direct := f.store.Answer(context.Background(), ep.kind, ep.verb, &q)
+			// Through the codec, as the service's reply came.
+			var viaAnswer events.QueryReply
+			if err := events.Unmarshal(mustMarshal(t, direct), &viaAnswer); err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(viaAnswer, viaService) {
+				t.Fatalf("%s.%s %+v: Answer %+v, the service %+v", ep.kind, ep.verb, q, viaAnswer, viaService)
+			}
+			asked++
+		}
+	}
+	reply := f.store.Answer(context.Background(), "disk", events.VerbGet, &events.Query{Name: "d1"})
+	if reply.Error == nil || reply.Error.Code != events.CodeUnknownCommand {
+		t.Fatalf("Answer of a query nobody serves: %+v, want unknown_command", reply)
+	}
+	t.Logf("%d queries answered alike", asked)
 }
