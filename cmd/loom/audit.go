@@ -46,6 +46,7 @@ when it began.`,
 	}
 	export.Flags().StringVar(&out, "out", "", "the file to append to")
 	cmd.AddCommand(export)
+	cmd.AddCommand(newAuditReplayCommand(flags))
 	return cmd
 }
 

@@ -1,11 +1,6 @@
 package main
 
 import (
-	"fmt"
-	"sort"
-	"strconv"
-	"strings"
-
 	"github.com/spf13/cobra"
 
 	"github.com/loomctl/loom/events"
@@ -53,37 +48,7 @@ func newHostCommand(flags *clientFlags) *cobra.Command {
 		return c
 	}
 
-	list := &cobra.Command{
-		Use: "list", Short: "List hosts with their capacity", Args: cobra.NoArgs,
-		RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
-			reply, err := c.query(cmd.Context(), events.KindHost, events.VerbList, events.Query{})
-			if err != nil {
-				return err
-			}
-			if flags.output == "json" {
-				return printJSON(cmd.OutOrStdout(), reply.Hosts)
-			}
-			rows := make([][]string, 0, len(reply.Hosts))
-			for _, h := range reply.Hosts {
-				state := "ready"
-				switch {
-				case h.Lost:
-					state = "lost"
-				case h.Cordoned:
-					state = "cordoned"
-				}
-				orphans := make([]string, 0, len(h.Orphans))
-				for name := range h.Orphans {
-					orphans = append(orphans, name)
-				}
-				sort.Strings(orphans)
-				rows = append(rows, []string{h.Name, state,
-					fmt.Sprintf("%d/%d", h.UsedCPU, h.CPU), fmt.Sprintf("%d/%d", h.UsedMiB, h.MemoryMiB),
-					strconv.Itoa(h.VMs), orDash(strings.Join(orphans, ","))})
-			}
-			return table(cmd.OutOrStdout(), []string{"HOST", "STATE", "CPU USED", "MEM USED (MiB)", "VMS", "ORPHANS"}, rows)
-		}),
-	}
-	cmd.AddCommand(register, cordon(false), cordon(true), list)
+	cmd.AddCommand(register, cordon(false), cordon(true))
+	cmd.AddCommand(hostQueryVerbs(flags, flags.liveQueries)...)
 	return cmd
 }

@@ -1,8 +1,6 @@
 package main
 
 import (
-	"strconv"
-
 	"github.com/spf13/cobra"
 
 	"github.com/loomctl/loom/events"
@@ -37,23 +35,7 @@ func newImageCommand(flags *clientFlags) *cobra.Command {
 		}
 	}
 
-	list := &cobra.Command{
-		Use: "list", Short: "List images", Args: cobra.NoArgs,
-		RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
-			reply, err := c.query(cmd.Context(), events.KindImage, events.VerbList, events.Query{})
-			if err != nil {
-				return err
-			}
-			if flags.output == "json" {
-				return printJSON(cmd.OutOrStdout(), reply.Images)
-			}
-			rows := make([][]string, 0, len(reply.Images))
-			for _, im := range reply.Images {
-				rows = append(rows, []string{im.Name, im.Format, strconv.FormatInt(im.SizeBytes, 10), orDash(im.Source)})
-			}
-			return table(cmd.OutOrStdout(), []string{"IMAGE", "FORMAT", "SIZE", "SOURCE"}, rows)
-		}),
-	}
-	cmd.AddCommand(register, list)
+	cmd.AddCommand(register)
+	cmd.AddCommand(imageQueryVerbs(flags, flags.liveQueries)...)
 	return cmd
 }

@@ -14,32 +14,6 @@ func newLeaseCommand(flags *clientFlags) *cobra.Command {
 	cmd := &cobra.Command{Use: "lease", Short: "Leases on images and disks: who may read or write them, under which epoch"}
 	flags.registerCommandFlags(cmd)
 
-	var filter events.Query
-	list := &cobra.Command{
-		Use: "list", Short: "List the standing grants", Args: cobra.NoArgs,
-		RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
-			reply, err := c.query(cmd.Context(), events.KindLease, events.VerbList, filter)
-			if err != nil {
-				return err
-			}
-			return printGrants(cmd.OutOrStdout(), flags.output, reply.Leases)
-		}),
-	}
-	list.Flags().StringVar(&filter.Resource, "resource", "", "only this resource (image/NAME or disk/NAME)")
-	list.Flags().StringVar(&filter.Host, "host", "", "only grants whose holder runs on this host")
-	list.Flags().StringVar(&filter.Holder, "holder", "", "only this holder's grants (a VM's UID)")
-
-	get := &cobra.Command{
-		Use: "get RESOURCE", Short: "Show the grants on one resource (image/NAME or disk/NAME)", Args: cobra.ExactArgs(1),
-		RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
-			reply, err := c.query(cmd.Context(), events.KindLease, events.VerbGet, events.Query{Name: args[0]})
-			if err != nil {
-				return err
-			}
-			return printGrants(cmd.OutOrStdout(), flags.output, reply.Leases)
-		}),
-	}
-
 	var acq events.AcquireLease
 	acquire := &cobra.Command{
 		Use: "acquire RESOURCE", Short: "Take a grant on a resource for a holder on a host", Args: cobra.ExactArgs(1),
@@ -82,7 +56,8 @@ func newLeaseCommand(flags *clientFlags) *cobra.Command {
 		_ = c.MarkFlagRequired("holder")
 	}
 	_ = acquire.MarkFlagRequired("host")
-	cmd.AddCommand(list, get, acquire, release, breakCmd)
+	cmd.AddCommand(leaseQueryVerbs(flags, flags.liveQueries)...)
+	cmd.AddCommand(acquire, release, breakCmd)
 	return cmd
 }
 

@@ -1,8 +1,6 @@
 package main
 
 import (
-	"strconv"
-
 	"github.com/spf13/cobra"
 
 	"github.com/loomctl/loom/events"
@@ -26,45 +24,6 @@ func newNetCommand(flags *clientFlags) *cobra.Command {
 	createCmd.Flags().StringVar(&create.CIDR, "cidr", "", "the network's IPv4 prefix, e.g. 10.77.0.0/24 (/8 to /29)")
 	createCmd.Flags().Uint32Var(&create.VNI, "vni", 0, "its VXLAN segment id (default: derived from the name)")
 
-	get := &cobra.Command{
-		Use: "get NAME", Short: "Show a network and where each of its addresses is: the VM, its host, the host's tunnel endpoint", Args: cobra.ExactArgs(1),
-		RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
-			reply, err := c.query(cmd.Context(), events.KindNet, events.VerbGet, events.Query{Name: args[0]})
-			if err != nil {
-				return err
-			}
-			if flags.output == "json" {
-				return printJSON(cmd.OutOrStdout(), reply.Nets)
-			}
-			var rows [][]string
-			for _, n := range reply.Nets {
-				for _, b := range n.Bindings {
-					rows = append(rows, []string{n.Name, n.CIDR, strconv.FormatUint(uint64(n.VNI), 10), b.Addr, b.MAC, b.VM, b.Host, orDash(b.Endpoint)})
-				}
-				if len(n.Bindings) == 0 {
-					rows = append(rows, []string{n.Name, n.CIDR, strconv.FormatUint(uint64(n.VNI), 10), "-", "-", "-", "-", "-"})
-				}
-			}
-			return table(cmd.OutOrStdout(), []string{"NET", "CIDR", "VNI", "ADDRESS", "MAC", "VM", "HOST", "ENDPOINT"}, rows)
-		}),
-	}
-	list := &cobra.Command{
-		Use: "list", Short: "List networks", Args: cobra.NoArgs,
-		RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
-			reply, err := c.query(cmd.Context(), events.KindNet, events.VerbList, events.Query{})
-			if err != nil {
-				return err
-			}
-			if flags.output == "json" {
-				return printJSON(cmd.OutOrStdout(), reply.Nets)
-			}
-			rows := make([][]string, 0, len(reply.Nets))
-			for _, n := range reply.Nets {
-				rows = append(rows, []string{n.Name, n.CIDR, strconv.FormatUint(uint64(n.VNI), 10), strconv.Itoa(len(n.Bindings))})
-			}
-			return table(cmd.OutOrStdout(), []string{"NET", "CIDR", "VNI", "ADDRESSES"}, rows)
-		}),
-	}
 	var attach events.AttachNet
 	attachCmd := &cobra.Command{
 		Use: "attach NET --host HOST", Short: "Give a host a port on a net: an address of its own there, on its bridge (a gateway, a probe)", Args: cobra.ExactArgs(1),
@@ -78,6 +37,7 @@ func newNetCommand(flags *clientFlags) *cobra.Command {
 		}),
 	}
 	attachCmd.Flags().StringVar(&attach.Host, "host", "", "the host")
-	cmd.AddCommand(createCmd, attachCmd, get, list)
+	cmd.AddCommand(createCmd, attachCmd)
+	cmd.AddCommand(netQueryVerbs(flags, flags.liveQueries)...)
 	return cmd
 }

@@ -54,9 +54,12 @@ func orDash(s string) string {
 	return s
 }
 
-func ago(at events.UnixNano) string {
+func ago(at events.UnixNano) string { return agoFrom(time.Now(), at) }
+
+// agoFrom shows at as how long before now.
+func agoFrom(now time.Time, at events.UnixNano) string {
 	if at == 0 {
 		return "-"
 	}
-	return time.Since(at.Time()).Round(time.Second).String() + " ago"
+	return now.Sub(at.Time()).Round(time.Second).String() + " ago"
 }

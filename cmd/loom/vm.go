@@ -56,50 +56,18 @@ func newVMCommand(flags *clientFlags) *cobra.Command {
 		return c
 	}
 
-	var host string
-	var all bool
-	list := &cobra.Command{
-		Use: "list", Short: "List VMs", Args: cobra.NoArgs,
-		RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
-			reply, err := c.query(cmd.Context(), events.KindVM, events.VerbList, events.Query{Host: host, IncludeGone: all})
-			if err != nil {
-				return err
-			}
-			if flags.output == "json" {
-				return printJSON(cmd.OutOrStdout(), reply.VMs)
-			}
-			rows := make([][]string, 0, len(reply.VMs))
-			for _, vm := range reply.VMs {
-				rows = append(rows, []string{vm.Name, orDash(vm.Host), string(vm.Desired), orDash(string(vm.Observed.State)),
-					strconv.FormatBool(vm.Converged), strconv.Itoa(vm.CPU), strconv.Itoa(vm.MemoryMiB), vm.Image})
-			}
-			return table(cmd.OutOrStdout(), []string{"VM", "HOST", "GOAL", "OBSERVED", "CONVERGED", "CPU", "MEM", "IMAGE"}, rows)
-		}),
-	}
-	list.Flags().StringVar(&host, "host", "", "only VMs on this host")
-	list.Flags().BoolVar(&all, "all", false, "include deleted VMs")
-
-	get := &cobra.Command{
-		Use: "get NAME", Short: "Show a VM: its goal, what its host observed, and whether they agree", Args: cobra.ExactArgs(1),
-		RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
-			vm, err := getVM(cmd.Context(), c, args[0], 0)
-			if err != nil {
-				return err
-			}
-			return printVM(cmd.OutOrStdout(), flags.output, vm)
-		}),
-	}
 	cmd.AddCommand(createCmd,
 		lifecycle(events.VerbStart, "Start a VM"), lifecycle(events.VerbStop, "Stop a VM (ACPI shutdown, then power off after a grace period)"),
 		lifecycle(events.VerbPause, "Pause a VM"), lifecycle(events.VerbResume, "Resume a paused VM"),
-		lifecycle(events.VerbDelete, "Delete a VM: destroy and undefine its domain"),
-		list, get)
+		lifecycle(events.VerbDelete, "Delete a VM: destroy and undefine its domain"))
+	cmd.AddCommand(vmQueryVerbs(flags, flags.liveQueries)...)
 	cmd.AddCommand(newCheckpointCommands(flags)...)
 	cmd.AddCommand(newMigrateCommand(flags))
 	return cmd
 }
 
-func printVM(w io.Writer, output string, vm *events.VMView) error {
+// printVM shows a VM; times are shown as how long before now.
+func printVM(w io.Writer, output string, vm *events.VMView, now time.Time) error {
 	if output == "json" {
 		return printJSON(w, vm)
 	}
@@ -137,7 +105,7 @@ func printVM(w io.Writer, output string, vm *events.VMView) error {
 		{"goal", goal}, {"incarnation", strconv.FormatUint(vm.Incarnation, 10)},
 		{"leases", orDash(strings.Join(leases, ", "))}, {"moved", moved}, {"on host lost", orDash(string(vm.OnHostLost))},
 		{"observed", orDash(string(vm.Observed.State))}, {"observed incarnation", strconv.FormatUint(vm.Observed.Incarnation, 10)},
-		{"observed at", ago(vm.Observed.Time)}, {"fault", fault}, {"converged", strconv.FormatBool(vm.Converged)},
+		{"observed at", agoFrom(now, vm.Observed.Time)}, {"fault", fault}, {"converged", strconv.FormatBool(vm.Converged)},
 		{"checkpoints", strconv.Itoa(len(vm.Checkpoints))}, {"step", step}, {"migration", migration},
 	})
 }
