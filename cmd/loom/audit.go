@@ -45,7 +45,7 @@ when it began.`,
 		}),
 	}
 	export.Flags().StringVar(&out, "out", "", "the file to append to")
-	cmd.AddCommand(export)
+	cmd.AddCommand(export, newAuditVerifyCommand(flags))
 	cmd.AddCommand(newAuditReplayCommand(flags))
 	return cmd
 }
@@ -53,7 +53,9 @@ when it began.`,
 // exportLine is one exported message.
 type exportLine struct {
 	tailLine
-	Raw []byte `json:"raw"`
+	// Header is the stored headers: seals cover them too.
+	Header map[string][]string `json:"header,omitempty"`
+	Raw    []byte              `json:"raw"`
 }
 
 // exportEvents appends the stream to path after the last complete line it
@@ -116,7 +118,7 @@ func exportEvents(ctx context.Context, c *client, path string) (int, uint64, err
 		seq := meta.Sequence.Stream
 		rec, decodeErr := events.DecodeRecord(seq, msg.Subject(), meta.Timestamp, msg.Data())
 		line := exportLine{tailLine: tailLine{Seq: seq, Subject: msg.Subject(), Stored: meta.Timestamp, Envelope: rec.Envelope,
-			Payload: rec.Event, PrevHash: hex.EncodeToString(rec.Envelope.PrevHash)}, Raw: msg.Data()}
+			Payload: rec.Event, PrevHash: hex.EncodeToString(rec.Envelope.PrevHash)}, Header: msg.Headers(), Raw: msg.Data()}
 		if decodeErr != nil {
 			line.Undecoded = decodeErr.Error()
 		}

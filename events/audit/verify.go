@@ -3,6 +3,7 @@ package audit
 import (
 	"bytes"
 	"crypto/ed25519"
+	"crypto/sha256"
 	"fmt"
 	"slices"
 	"sort"
@@ -133,6 +134,8 @@ type Verifier struct {
 	sealed     SealRef
 	reachedPin bool
 	report     Report
+	// env is reused from one message to the next.
+	env events.Envelope
 	// unsafeSkipRoots switches the seals' root check off, for the test
 	// that shows what it guards.
 	unsafeSkipRoots bool
@@ -167,16 +170,19 @@ func (v *Verifier) Add(m *Message) {
 	v.root = v.x.Next(v.root, leaf)
 	v.pending = append(v.pending, pending{seq: m.Seq, leaf: leaf, root: v.root})
 
-	hash := events.Hash(m.Data)
-	defer func() { v.heads[m.Subject] = head{seq: m.Seq, hash: Hash(hash)} }()
-	var env events.Envelope
-	if err := events.Unmarshal(m.Data, &env); err != nil {
+	// Whatever it holds, it is the subject's last message now: the next
+	// event on the subject names its hash.
+	hash := Hash(sha256.Sum256(m.Data))
+	defer func() { v.heads[m.Subject] = head{seq: m.Seq, hash: hash} }()
+	env := &v.env
+	*env = events.Envelope{}
+	if err := events.Unmarshal(m.Data, env); err != nil {
 		v.problem(m.Seq, m.Subject, events.CodeCorruptEvent, "not a Loom envelope: %v", err)
 		return
 	}
-	v.link(m, &env)
+	v.link(m, env)
 	if m.Subject == events.AuditSealSubject {
-		v.seal(m, &env, hash)
+		v.seal(m, env, slices.Clone(hash[:])) // a copy: hash stays on the stack
 	}
 }
 

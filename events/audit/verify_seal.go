@@ -35,6 +35,7 @@ func (v *Verifier) seal(m *Message, env *events.Envelope, hash []byte) {
 		from = v.sealed.To + 1
 	}
 	i, found := slices.BinarySearchFunc(v.pending, s.To, func(p pending, seq uint64) int { return cmpUint(p.seq, seq) })
+	matched := false
 	switch {
 	case s.From != from || s.To < s.From || s.To >= m.Seq:
 		v.problem(m.Seq, m.Subject, events.CodeSealMismatch, "covers %d to %d, but the seals before it end at %d", s.From, s.To, from-1)
@@ -43,8 +44,10 @@ func (v *Verifier) seal(m *Message, env *events.Envelope, hash []byte) {
 	case !v.unsafeSkipRoots && !bytes.Equal(v.pending[i].root[:], s.Root):
 		v.record(Problem{Seq: s.From, Through: s.To, Subject: m.Subject, Code: events.CodeSealMismatch,
 			Message: fmt.Sprintf("these events do not hash to the root the seal at %d signed: one of them was changed, removed or put out of order", m.Seq)})
+	default:
+		matched = true
 	}
-	v.advance(m.Seq, &s, hash, i, found)
+	v.advance(m.Seq, &s, hash, i, found, matched)
 }
 
 // signed checks a seal's key and signature.
@@ -64,8 +67,9 @@ func (v *Verifier) signed(seq uint64, s *events.AuditSealed, prevHash []byte) bo
 	return true
 }
 
-// advance makes a signed seal the last one.
-func (v *Verifier) advance(seq uint64, s *events.AuditSealed, hash []byte, i int, found bool) {
+// advance makes a signed seal the last one. i is where its To is in
+// pending, if found; matched says the root there is the seal's.
+func (v *Verifier) advance(seq uint64, s *events.AuditSealed, hash []byte, i int, found, matched bool) {
 	ref := SealRef{Seq: seq, To: s.To, Root: s.Root, Hash: hash}
 	if v.report.Seals == 0 {
 		v.report.FirstSeal = ref
@@ -84,15 +88,18 @@ func (v *Verifier) advance(seq uint64, s *events.AuditSealed, hash []byte, i int
 	if !found {
 		return
 	}
-	// Count the roots after To from the seal's root.
-	rest := v.pending[i+1:]
+	v.pending = v.pending[i+1:]
+	if matched {
+		return
+	}
+	// Count the roots after To from the seal's root, so that what went
+	// wrong before it is reported once.
 	root := Hash(s.Root)
-	for j := range rest {
-		root = v.x.Next(root, rest[j].leaf)
-		rest[j].root = root
+	for j := range v.pending {
+		root = v.x.Next(root, v.pending[j].leaf)
+		v.pending[j].root = root
 	}
 	v.root = root
-	v.pending = append(v.pending[:0], rest...)
 }
 
 // Finish ends the history and reports.
