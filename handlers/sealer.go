@@ -185,7 +185,7 @@ func (s *Sealer) follow(ctx context.Context) error {
 // sealable tells whether anything but the last seal itself is unsealed:
 // an idle stream gets no seal of its own seals.
 func sealable(last lastSeal, chain *audit.Chain) bool {
-	return chain.Seq > last.to && !(chain.Seq == last.seq && last.to+1 == last.seq)
+	return chain.Seq > last.to && (chain.Seq != last.seq || last.to+1 != last.seq)
 }
 
 // seal appends the seal of what chain read since last.
