@@ -92,19 +92,28 @@ func verifyStream(t *testing.T, b *bustest.Bus, key ed25519.PrivateKey) *audit.R
 	return v.Finish()
 }
 
+// lastSeal is where the last seal is and what it covers up to.
+func lastSeal(t *testing.T, b *bustest.Bus) (seq, to uint64, err error) {
+	msg, err := bus.LastOnSubject(t.Context(), b.Conn, events.StreamEvents, events.AuditSealSubject)
+	if err != nil {
+		return 0, 0, err
+	}
+	rec, err := events.DecodeRecord(msg.Seq, msg.Subject, msg.Time, msg.Data)
+	if err != nil {
+		return 0, 0, err
+	}
+	return msg.Seq, rec.Event.(events.AuditSealed).To, nil
+}
+
 // sealedTo waits until a seal covers upTo.
 func sealedTo(t *testing.T, b *bustest.Bus, upTo uint64) {
 	t.Helper()
 	eventually.WaitFor(t, 20*time.Second, "everything sealed", func() error {
-		msg, err := bus.LastOnSubject(t.Context(), b.Conn, events.StreamEvents, events.AuditSealSubject)
+		_, to, err := lastSeal(t, b)
 		if err != nil {
 			return err
 		}
-		rec, err := events.DecodeRecord(msg.Seq, msg.Subject, msg.Time, msg.Data)
-		if err != nil {
-			return err
-		}
-		if to := rec.Event.(events.AuditSealed).To; to < upTo {
+		if to < upTo {
 			return fmt.Errorf("the last seal covers up to %d, not %d", to, upTo)
 		}
 		return nil
@@ -132,19 +141,15 @@ func TestSealer_SealsWithoutGapsAcrossReplicasAndRestarts(t *testing.T) {
 	// for many sealing periods.
 	var last uint64
 	eventually.WaitFor(t, 20*time.Second, "only the last seal unsealed", func() error {
-		msg, err := bus.LastOnSubject(t.Context(), b.Conn, events.StreamEvents, events.AuditSealSubject)
-		if err != nil {
-			return err
-		}
-		rec, err := events.DecodeRecord(msg.Seq, msg.Subject, msg.Time, msg.Data)
+		seq, to, err := lastSeal(t, b)
 		if err != nil {
 			return err
 		}
 		if last, err = bus.LastSeq(t.Context(), b.JS, events.StreamEvents); err != nil {
 			return err
 		}
-		if to := rec.Event.(events.AuditSealed).To; to+1 != msg.Seq || msg.Seq != last {
-			return fmt.Errorf("the last seal at %d covers up to %d; the stream ends at %d", msg.Seq, to, last)
+		if to+1 != seq || seq != last {
+			return fmt.Errorf("the last seal at %d covers up to %d; the stream ends at %d", seq, to, last)
 		}
 		return nil
 	})

@@ -261,15 +261,7 @@ func TestReplayTo_Refuses(t *testing.T) {
 // the middle and at its tail, each a history_gap naming what is missing.
 func TestReplayTo_MissingSequences(t *testing.T) {
 	ctx := context.Background()
-	srv, err := bus.StartServer(ctx, bus.ServerConfig{DataDir: t.TempDir(), Port: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(srv.Stop)
-	js, err := jetstream.New(bustest.Connect(t, srv.ClientURL()))
-	if err != nil {
-		t.Fatal(err)
-	}
+	js := bustest.StartBare(t, t.TempDir()).JS
 	stream, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: events.StreamEvents, Subjects: []string{"loom.evt.>", "loom.obs.>"}})
 	if err != nil {
 		t.Fatal(err)

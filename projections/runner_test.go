@@ -106,15 +106,7 @@ func TestRun_FlagsCorruptAndUnknownAndGoesOn(t *testing.T) {
 
 func TestRun_WaitsForTheStream(t *testing.T) {
 	ctx := context.Background()
-	srv, err := bus.StartServer(ctx, bus.ServerConfig{DataDir: t.TempDir(), Port: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(srv.Stop)
-	js, err := jetstream.New(bustest.Connect(t, srv.ClientURL()))
-	if err != nil {
-		t.Fatal(err)
-	}
+	js := bustest.StartBare(t, t.TempDir()).JS
 	s := openStore(t, t.TempDir(), Options{})
 	run(t, s, js) // LOOM_EVENTS does not exist yet: Run retries
 

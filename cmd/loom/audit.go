@@ -76,15 +76,7 @@ func exportEvents(ctx context.Context, c *client, path string) (int, uint64, err
 	if _, err := f.Seek(keep, io.SeekStart); err != nil {
 		return 0, 0, err
 	}
-	js, err := jetstream.New(c.nc)
-	if err != nil {
-		return 0, 0, err
-	}
-	stream, err := js.Stream(ctx, events.StreamEvents)
-	if err != nil {
-		return 0, 0, fmt.Errorf("stream %s: %w", events.StreamEvents, err)
-	}
-	info, err := stream.Info(ctx)
+	_, stream, info, err := c.eventsStream(ctx)
 	if err != nil {
 		return 0, 0, err
 	}

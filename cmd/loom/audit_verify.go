@@ -154,15 +154,7 @@ func printReport(w io.Writer, source string, r *audit.Report, pin *audit.Pin, pi
 // verifyStream feeds the stream to v, from its first message to the last
 // one it held when verify began.
 func verifyStream(ctx context.Context, c *client, v *audit.Verifier) error {
-	js, err := jetstream.New(c.nc)
-	if err != nil {
-		return err
-	}
-	stream, err := js.Stream(ctx, events.StreamEvents)
-	if err != nil {
-		return fmt.Errorf("stream %s: %w", events.StreamEvents, err)
-	}
-	info, err := stream.Info(ctx)
+	js, _, info, err := c.eventsStream(ctx)
 	if err != nil {
 		return err
 	}

@@ -31,12 +31,7 @@ const benchSealSpan = 10_000
 // ordered-consumer replay that only decodes (the better of one run before
 // and one after).
 func benchAudit(ctx context.Context, cfg benchConfig, dir string, w io.Writer) error {
-	scfg, err := benchServerConfig(cfg, filepath.Join(dir, "bus"))
-	if err != nil {
-		return err
-	}
-	scfg.SyncAlways, scfg.SyncInterval = false, time.Minute // as rebuild: the bench only reads
-	js, stop, err := inProcessBus(ctx, scfg)
+	js, stop, err := readBenchBus(ctx, cfg, dir)
 	if err != nil {
 		return err
 	}

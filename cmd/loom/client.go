@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/oklog/ulid/v2"
 	"github.com/spf13/cobra"
 
@@ -166,4 +167,21 @@ func retryUnavailable(ctx context.Context, f func() error) error {
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// eventsStream looks up LOOM_EVENTS and how it stands now.
+func (c *client) eventsStream(ctx context.Context) (jetstream.JetStream, jetstream.Stream, *jetstream.StreamInfo, error) {
+	js, err := jetstream.New(c.nc)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	stream, err := js.Stream(ctx, events.StreamEvents)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("stream %s: %w", events.StreamEvents, err)
+	}
+	info, err := stream.Info(ctx)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("stream %s: %w", events.StreamEvents, err)
+	}
+	return js, stream, info, nil
 }

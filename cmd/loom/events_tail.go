@@ -78,15 +78,7 @@ func newEventsCommand(flags *clientFlags) *cobra.Command {
 }
 
 func tailEvents(ctx context.Context, c *client, tf tailFlags, w io.Writer) error {
-	js, err := jetstream.New(c.nc)
-	if err != nil {
-		return err
-	}
-	stream, err := js.Stream(ctx, events.StreamEvents)
-	if err != nil {
-		return fmt.Errorf("stream %s: %w", events.StreamEvents, err)
-	}
-	info, err := stream.Info(ctx)
+	_, stream, info, err := c.eventsStream(ctx)
 	if err != nil {
 		return err
 	}

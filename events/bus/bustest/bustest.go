@@ -34,6 +34,19 @@ func Start(t testing.TB) *Bus {
 // server and start another on the same files.
 func StartIn(t testing.TB, dir string) *Bus {
 	t.Helper()
+	b := StartBare(t, dir)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := bus.EnsureStreams(ctx, b.JS, bus.StreamsConfig{}); err != nil {
+		t.Fatalf("ensure streams: %v", err)
+	}
+	return b
+}
+
+// StartBare is StartIn without Loom's streams, for tests that make their
+// own (or none).
+func StartBare(t testing.TB, dir string) *Bus {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	srv, err := bus.StartServer(ctx, bus.ServerConfig{DataDir: dir, Port: -1})
@@ -46,9 +59,6 @@ func StartIn(t testing.TB, dir string) *Bus {
 	b.JS, err = jetstream.New(b.Conn)
 	if err != nil {
 		t.Fatalf("jetstream: %v", err)
-	}
-	if err := bus.EnsureStreams(ctx, b.JS, bus.StreamsConfig{}); err != nil {
-		t.Fatalf("ensure streams: %v", err)
 	}
 	return b
 }
