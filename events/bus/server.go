@@ -31,6 +31,9 @@ type ServerConfig struct {
 	ServerName string
 	// NoListen serves in-process connections only (no TCP port).
 	NoListen bool
+	// Identities, if any, are the only users the server accepts, each
+	// with its role's permissions; none means no authentication at all.
+	Identities []Identity
 }
 
 // Server is a running embedded NATS server.
@@ -57,6 +60,13 @@ func StartServer(ctx context.Context, cfg ServerConfig) (*Server, error) {
 		DontListen:         cfg.NoListen,
 		MaxPayload:         8 << 20,
 		JetStreamMaxMemory: 1 << 30,
+	}
+	if len(cfg.Identities) > 0 {
+		users, err := nkeyUsers(cfg.Identities)
+		if err != nil {
+			return nil, fmt.Errorf("nats server: %w", err)
+		}
+		opts.Nkeys = users
 	}
 	if opts.ServerName == "" {
 		opts.ServerName = "loom"

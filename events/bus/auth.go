@@ -1,0 +1,187 @@
+package bus
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nkeys"
+
+	"github.com/loomctl/loom/events"
+)
+
+// Role is what an identity on the bus is for (DESIGN "Security").
+type Role string
+
+// The roles.
+const (
+	// RoleAdmin creates and changes streams: nothing else may.
+	RoleAdmin Role = "admin"
+	// RolePlane is the control plane: it serves commands and queries and
+	// alone appends decisions (loom.evt), goals and lost markers.
+	RolePlane Role = "plane"
+	// RoleAgent is one host's agent: it publishes only under its own
+	// host's subjects and reads only its own goals.
+	RoleAgent Role = "agent"
+	// RoleClient sends commands and queries, and nothing else.
+	RoleClient Role = "client"
+	// RoleAuditor reads LOOM_EVENTS, and nothing else.
+	RoleAuditor Role = "auditor"
+)
+
+// Roles lists every role.
+var Roles = []Role{RoleAdmin, RolePlane, RoleAgent, RoleClient, RoleAuditor}
+
+// Identity is one nkey user of the bus.
+type Identity struct {
+	Role Role `json:"role"`
+	// Host is the agent's host; empty for other roles.
+	Host string `json:"host,omitempty"`
+	// Key is the nkey's public key ("U...").
+	Key string `json:"key"`
+}
+
+// Name names the identity: its role, or "agent-<host>".
+func (id Identity) Name() string {
+	if id.Role == RoleAgent {
+		return string(RoleAgent) + "-" + id.Host
+	}
+	return string(id.Role)
+}
+
+// Validate checks the identity's role, host and key.
+func (id Identity) Validate() error {
+	switch {
+	case !knownRole(id.Role):
+		return fmt.Errorf("identity %q: unknown role %q", id.Key, id.Role)
+	case (id.Role == RoleAgent) != (id.Host != ""):
+		return fmt.Errorf("identity %s: an agent names its host, and only an agent does", id.Name())
+	case id.Host != "" && !validToken(id.Host):
+		return fmt.Errorf("identity %s: host %q is not one subject token", id.Name(), id.Host)
+	case !nkeys.IsValidPublicUserKey(id.Key):
+		return fmt.Errorf("identity %s: %q is not an nkey user public key", id.Name(), id.Key)
+	}
+	return nil
+}
+
+func knownRole(r Role) bool {
+	for _, known := range Roles {
+		if r == known {
+			return true
+		}
+	}
+	return false
+}
+
+func validToken(s string) bool {
+	return s != "" && !strings.ContainsAny(s, ".*> \t\r\n")
+}
+
+// InboxPrefix is where an identity's replies arrive. Each identity has its
+// own, and may subscribe to nothing else of the kind, so no identity reads
+// another's replies.
+func InboxPrefix(name string) string { return "_INBOX_" + name }
+
+// JetStream API subjects.
+const (
+	jsAPI = "$JS.API"
+	// jsFlowControl carries flow-control and heartbeat replies of
+	// consumers.
+	jsFlowControl = "$JS.FC.>"
+)
+
+// streamReader is what reading stream s with ordered consumers and leader
+// gets takes, filtered to filter (">" for any subject): consumer create
+// names the filter in its API subject (nats.go does when a consumer has
+// one filter), so the permission can hold it to one.
+func streamReader(s, filter string) []string {
+	subjects := []string{
+		jsAPI + ".INFO",
+		jsAPI + ".STREAM.INFO." + s,
+		jsAPI + ".CONSUMER.CREATE." + s + ".*." + filter,
+		jsAPI + ".CONSUMER.MSG.NEXT." + s + ".*",
+		jsAPI + ".CONSUMER.INFO." + s + ".*",
+		jsAPI + ".CONSUMER.DELETE." + s + ".*",
+	}
+	if filter == ">" {
+		// A consumer of the whole stream names no filter.
+		subjects = append(subjects, jsAPI+".CONSUMER.CREATE."+s+".*")
+	}
+	return subjects
+}
+
+// streamGetter is reading any message of stream s by sequence or subject:
+// the subject is in the request's body, beyond a permission's reach.
+func streamGetter(s string) []string {
+	return []string{jsAPI + ".STREAM.MSG.GET." + s, jsAPI + ".DIRECT.GET." + s, jsAPI + ".DIRECT.GET." + s + ".>"}
+}
+
+// Permissions is what id may publish and subscribe to. Replies to requests
+// it serves (commands, queries) are allowed by Response, not by publish
+// rights on others' inboxes.
+func Permissions(id Identity) *server.Permissions {
+	inbox := InboxPrefix(id.Name()) + ".>"
+	var pub, sub []string
+	var respond bool
+	switch id.Role {
+	case RoleAdmin:
+		return &server.Permissions{
+			Publish:   &server.SubjectPermission{Allow: []string{">"}},
+			Subscribe: &server.SubjectPermission{Allow: []string{">"}},
+		}
+	case RolePlane:
+		pub = []string{"loom.evt.>", "loom.goal.>", "loom.live.>", "$SRV.>", jsFlowControl}
+		for _, s := range []string{events.StreamEvents, events.StreamGoals, events.StreamLiveness} {
+			pub = append(pub, streamReader(s, ">")...)
+			pub = append(pub, streamGetter(s)...)
+		}
+		sub = []string{inbox, events.CommandsWildcard, events.QueriesWildcard, "$SRV.>"}
+		respond = true
+	case RoleAgent:
+		pub = []string{"loom.obs." + id.Host + ".>", events.LivenessSubject(id.Host), jsFlowControl}
+		pub = append(pub, streamReader(events.StreamGoals, events.HostGoals(id.Host))...)
+		pub = append(pub, streamReader(events.StreamEvents, ">")...)
+		pub = append(pub, streamGetter(events.StreamEvents)...)
+		pub = append(pub, streamGetter(events.StreamLiveness)...)
+		pub = append(pub, jsAPI+".STREAM.INFO."+events.StreamLiveness)
+		sub = []string{inbox}
+	case RoleClient:
+		pub = []string{events.CommandsWildcard, events.QueriesWildcard}
+		sub = []string{inbox}
+	case RoleAuditor:
+		pub = append(streamReader(events.StreamEvents, ">"), streamGetter(events.StreamEvents)...)
+		pub = append(pub, jsFlowControl)
+		sub = []string{inbox}
+	default:
+		// An unknown role may do nothing: Validate refuses it first.
+		return &server.Permissions{
+			Publish:   &server.SubjectPermission{Deny: []string{">"}},
+			Subscribe: &server.SubjectPermission{Deny: []string{">"}},
+		}
+	}
+	p := &server.Permissions{
+		Publish:   &server.SubjectPermission{Allow: pub},
+		Subscribe: &server.SubjectPermission{Allow: sub},
+	}
+	if respond {
+		p.Response = &server.ResponsePermission{MaxMsgs: 1}
+	}
+	return p
+}
+
+// nkeyUsers are the server's users for identities.
+func nkeyUsers(ids []Identity) ([]*server.NkeyUser, error) {
+	users := make([]*server.NkeyUser, 0, len(ids))
+	seen := map[string]string{}
+	for _, id := range ids {
+		if err := id.Validate(); err != nil {
+			return nil, err
+		}
+		if other, dup := seen[id.Key]; dup {
+			return nil, fmt.Errorf("identities %s and %s share one key", other, id.Name())
+		}
+		seen[id.Key] = id.Name()
+		users = append(users, &server.NkeyUser{Nkey: id.Key, Permissions: Permissions(id)})
+	}
+	return users, nil
+}
