@@ -135,7 +135,14 @@ func Permissions(id Identity) *server.Permissions {
 			pub = append(pub, streamReader(s, ">")...)
 			pub = append(pub, streamGetter(s)...)
 		}
-		sub = []string{inbox, events.CommandsWildcard, events.QueriesWildcard, "$SRV.>"}
+		// The dispatcher trims a goal subject to its last goal: goals are
+		// a projection of LOOM_EVENTS, and a purge there loses nothing of
+		// record. LOOM_EVENTS itself it may not purge.
+		pub = append(pub, jsAPI+".STREAM.PURGE."+events.StreamGoals)
+		// It follows appends as they land (migrations, reports) on core
+		// subscriptions too.
+		sub = []string{inbox, events.CommandsWildcard, events.QueriesWildcard, "$SRV.>",
+			events.EventsWildcard, events.ObservationsWildcard, events.GoalsWildcard, events.LivenessWildcard}
 		respond = true
 	case RoleAgent:
 		pub = []string{"loom.obs." + id.Host + ".>", events.LivenessSubject(id.Host), jsFlowControl}
@@ -144,7 +151,10 @@ func Permissions(id Identity) *server.Permissions {
 		pub = append(pub, streamGetter(events.StreamEvents)...)
 		pub = append(pub, streamGetter(events.StreamLiveness)...)
 		pub = append(pub, jsAPI+".STREAM.INFO."+events.StreamLiveness)
-		sub = []string{inbox}
+		// Lease changes reach it on a core subscription (a grant on a
+		// resource its VMs use may be revoked): every lease subject, since
+		// which resources its VMs use changes.
+		sub = []string{inbox, "loom.evt.lease.>"}
 	case RoleClient:
 		pub = []string{events.CommandsWildcard, events.QueriesWildcard}
 		sub = []string{inbox}

@@ -272,6 +272,13 @@ func TestPermissions_EachRoleDoesItsJob(t *testing.T) {
 	if _, err := plane.js.Publish(ctx, events.GoalSubject("h1", "web"), []byte("goal")); err != nil {
 		t.Fatalf("plane publishes a goal: %v", err)
 	}
+	goalStream, err := plane.js.Stream(ctx, events.StreamGoals)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := goalStream.Purge(ctx, jetstream.WithPurgeSubject(events.GoalSubject("h2", "web"))); err != nil {
+		t.Fatalf("plane trims a goal subject: %v", err)
+	}
 	sub, err := plane.nc.Subscribe("loom.cmd.vm.get", func(m *nats.Msg) { _ = m.Respond([]byte("ok")) })
 	if err != nil {
 		t.Fatal(err)

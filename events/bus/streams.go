@@ -93,6 +93,25 @@ func EnsureStreams(ctx context.Context, js jetstream.JetStream, cfg StreamsConfi
 	return nil
 }
 
+// CheckStreams checks, without changing anything, that Loom's streams
+// exist with the settings cfg asks for: what an identity that may not
+// change streams does before it relies on them.
+func CheckStreams(ctx context.Context, js jetstream.JetStream, cfg StreamsConfig) error {
+	for _, want := range StreamConfigs(cfg) {
+		stream, err := js.Stream(ctx, want.Name)
+		if errors.Is(err, jetstream.ErrStreamNotFound) {
+			return fmt.Errorf("%w: %s does not exist; an admin identity creates it (loom serve with the admin credentials does)", ErrStreamSettings, want.Name)
+		}
+		if err != nil {
+			return fmt.Errorf("look up stream %s: %w", want.Name, err)
+		}
+		if diffs := StreamDiff(stream.CachedInfo().Config, want); len(diffs) != 0 {
+			return fmt.Errorf("%w: %s differs from what Loom expects in %v; refusing to run on it", ErrStreamSettings, want.Name, diffs)
+		}
+	}
+	return nil
+}
+
 func ensureStream(ctx context.Context, js jetstream.JetStream, want jetstream.StreamConfig) error {
 	stream, err := js.Stream(ctx, want.Name)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {

@@ -2,11 +2,13 @@ package plane
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"path/filepath"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -25,6 +27,17 @@ type NATSConfig struct {
 	Sync string
 	// Replicas of Loom's streams.
 	Replicas int
+	// Identities, if any, are the embedded server's only users (auth on);
+	// none means no auth at all.
+	Identities []bus.Identity
+	// Creds is the seed file this connection authenticates with; empty
+	// means none.
+	Creds string
+	// AdminCreds, if set, is the admin identity's seed file: Connect uses
+	// it to create or update the streams, and nothing else. Without it,
+	// an authenticated Connect only checks that the streams are as Loom
+	// expects, and refuses to go on if they are not.
+	AdminCreds string
 }
 
 // DefaultListen is where an embedded server listens unless told otherwise.
@@ -48,7 +61,7 @@ func (c NATSConfig) ServerConfig(dataDir string) (bus.ServerConfig, error) {
 	if port == 0 {
 		port = -1 // the server's "any free port"
 	}
-	cfg := bus.ServerConfig{DataDir: filepath.Join(dataDir, "nats"), Host: host, Port: port}
+	cfg := bus.ServerConfig{DataDir: filepath.Join(dataDir, "nats"), Host: host, Port: port, Identities: c.Identities}
 	switch c.Sync {
 	case "", "always":
 		cfg.SyncAlways = true
@@ -98,37 +111,89 @@ func Connect(ctx context.Context, cfg NATSConfig, dataDir, name string, log *slo
 		conn.URL = conn.Server.ClientURL()
 		log.Info("embedded NATS started", "url", conn.URL, "store", scfg.DataDir, "sync_always", scfg.SyncAlways, "sync_interval", scfg.SyncInterval)
 	}
-	if err := conn.dial(name); err != nil {
+	if err := conn.setUpStreams(ctx, cfg, name); err != nil {
 		conn.Close()
 		return nil, err
 	}
-	if err := bus.EnsureStreams(ctx, conn.JS, bus.StreamsConfig{Replicas: cfg.Replicas}); err != nil {
+	if err := conn.dial(name, cfg.Creds); err != nil {
 		conn.Close()
 		return nil, err
+	}
+	if cfg.AdminCreds == "" && cfg.Creds != "" {
+		if err := bus.CheckStreams(ctx, conn.JS, bus.StreamsConfig{Replicas: cfg.Replicas}); err != nil {
+			conn.Close()
+			return nil, err
+		}
 	}
 	return conn, nil
+}
+
+// setUpStreams creates or updates Loom's streams, as the admin identity
+// when there are credentials, on a connection of its own.
+func (c *Connection) setUpStreams(ctx context.Context, cfg NATSConfig, name string) error {
+	if cfg.Creds != "" && cfg.AdminCreds == "" {
+		return nil // not allowed to: Connect checks them instead
+	}
+	admin := &Connection{URL: c.URL}
+	if err := admin.dial(name+"-admin", cfg.AdminCreds); err != nil {
+		return err
+	}
+	defer admin.Close()
+	return bus.EnsureStreams(ctx, admin.JS, bus.StreamsConfig{Replicas: cfg.Replicas})
 }
 
 // Join connects to a running Loom's NATS at url without touching its
 // streams: what a host agent does. Only the control plane creates streams.
-func Join(url, name string) (*Connection, error) {
+func Join(url, name, creds string) (*Connection, error) {
 	conn := &Connection{URL: url}
-	if err := conn.dial(name); err != nil {
+	if err := conn.dial(name, creds); err != nil {
 		conn.Close()
 		return nil, err
 	}
 	return conn, nil
 }
 
-// dial connects to c.URL, reconnecting forever once connected.
-func (c *Connection) dial(name string) error {
+// dial connects to c.URL as the identity of the seed file creds (none if
+// empty), reconnecting forever once connected.
+func (c *Connection) dial(name, creds string) error {
+	opts := []nats.Option{nats.Name(name), nats.MaxReconnects(-1), nats.ReconnectWait(250 * time.Millisecond),
+		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+			if errors.Is(err, nats.ErrPermissionViolation) {
+				refusals.Add(1)
+			}
+			slog.Error("the NATS server refused a request", "connection", name, "identity", identityLabel(creds), "err", err)
+		})}
+	if creds != "" {
+		more, err := CredsOptions(creds)
+		if err != nil {
+			return err
+		}
+		opts = append(opts, more...)
+	}
 	var err error
-	c.Conn, err = nats.Connect(c.URL, nats.Name(name), nats.MaxReconnects(-1), nats.ReconnectWait(250*time.Millisecond))
+	c.Conn, err = nats.Connect(c.URL, opts...)
 	if err != nil {
-		return fmt.Errorf("connect %s: %w", c.URL, err)
+		return fmt.Errorf("connect %s as %s: %w", c.URL, identityLabel(creds), err)
 	}
 	if c.JS, err = jetstream.New(c.Conn); err != nil {
 		return fmt.Errorf("jetstream on %s: %w", c.URL, err)
 	}
 	return nil
+}
+
+// refusals counts the permission violations any connection of this
+// process was told of.
+var refusals atomic.Int64
+
+// Refusals is how many times the server refused this process's
+// connections a publish or a subscription: zero when every identity has
+// the rights its job needs.
+func Refusals() int64 { return refusals.Load() }
+
+// identityLabel names the identity of a seed file for an error message.
+func identityLabel(creds string) string {
+	if creds == "" {
+		return "nobody (no credentials)"
+	}
+	return filepath.Base(creds)
 }

@@ -1,0 +1,224 @@
+package plane
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
+
+	"github.com/loomctl/loom/events/bus"
+)
+
+// Credentials on disk. A directory holds one nkey seed per identity,
+// named after it (admin.nk, plane.nk, client.nk, auditor.nk,
+// agent-<host>.nk, mode 0600), and identities.json: the public half of
+// every one of them with its role, which is all the server needs.
+const (
+	credsExt       = ".nk"
+	identitiesFile = "identities.json"
+)
+
+// CredsDir is where a data directory keeps its credentials.
+func CredsDir(dataDir string) string { return filepath.Join(dataDir, "creds") }
+
+// CredsFile is the seed file of the identity name in dir.
+func CredsFile(dir, name string) string { return filepath.Join(dir, name+credsExt) }
+
+// AgentName is the identity name of host's agent.
+func AgentName(host string) string {
+	return bus.Identity{Role: bus.RoleAgent, Host: host}.Name()
+}
+
+// InitCreds makes, in dir, a seed for each of admin, plane, client and
+// auditor and for the agent of each host that has none yet, and rewrites
+// identities.json from every seed there. It returns the names it made.
+// Seeds already there are kept: running it again is safe.
+func InitCreds(dir string, hosts []string) ([]string, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	names := []string{string(bus.RoleAdmin), string(bus.RolePlane), string(bus.RoleClient), string(bus.RoleAuditor)}
+	for _, h := range hosts {
+		names = append(names, AgentName(h))
+	}
+	var made []string
+	for _, name := range names {
+		path := CredsFile(dir, name)
+		if _, err := os.Stat(path); err == nil {
+			continue
+		} else if !errors.Is(err, fs.ErrNotExist) {
+			return nil, err
+		}
+		kp, err := nkeys.CreateUser()
+		if err != nil {
+			return nil, err
+		}
+		seed, err := kp.Seed()
+		if err != nil {
+			return nil, err
+		}
+		if err := writeSecret(path, append(seed, '\n')); err != nil {
+			return nil, err
+		}
+		made = append(made, name)
+	}
+	ids, err := scanSeeds(dir)
+	if err != nil {
+		return nil, err
+	}
+	data, err := json.MarshalIndent(ids, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(filepath.Join(dir, identitiesFile), append(data, '\n'), 0o644); err != nil {
+		return nil, err
+	}
+	return made, nil
+}
+
+func writeSecret(path string, data []byte) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		_ = f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		_ = f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+// scanSeeds reads the identity of every seed in dir, sorted by name.
+func scanSeeds(dir string) ([]bus.Identity, error) {
+	paths, err := filepath.Glob(filepath.Join(dir, "*"+credsExt))
+	if err != nil {
+		return nil, err
+	}
+	slices.Sort(paths)
+	ids := make([]bus.Identity, 0, len(paths))
+	for _, path := range paths {
+		id, err := identityOf(path)
+		if err != nil {
+			return nil, err
+		}
+		kp, err := loadSeed(path)
+		if err != nil {
+			return nil, err
+		}
+		if id.Key, err = kp.PublicKey(); err != nil {
+			return nil, err
+		}
+		ids = append(ids, id)
+	}
+	return ids, nil
+}
+
+// identityOf is the role and host a seed file's name says.
+func identityOf(path string) (bus.Identity, error) {
+	name := strings.TrimSuffix(filepath.Base(path), credsExt)
+	if host, ok := strings.CutPrefix(name, string(bus.RoleAgent)+"-"); ok {
+		return bus.Identity{Role: bus.RoleAgent, Host: host}, nil
+	}
+	for _, r := range bus.Roles {
+		if r != bus.RoleAgent && name == string(r) {
+			return bus.Identity{Role: r}, nil
+		}
+	}
+	return bus.Identity{}, fmt.Errorf("credentials %s: the name says no role (want admin, plane, client, auditor or agent-HOST%s)", path, credsExt)
+}
+
+// LoadIdentities reads identities.json of dir: who the server lets in.
+func LoadIdentities(dir string) ([]bus.Identity, error) {
+	data, err := os.ReadFile(filepath.Join(dir, identitiesFile))
+	if err != nil {
+		return nil, err
+	}
+	var ids []bus.Identity
+	if err := json.Unmarshal(data, &ids); err != nil {
+		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, identitiesFile), err)
+	}
+	for _, id := range ids {
+		if err := id.Validate(); err != nil {
+			return nil, fmt.Errorf("%s: %w", filepath.Join(dir, identitiesFile), err)
+		}
+	}
+	return ids, nil
+}
+
+// loadSeed reads a seed file, refusing one that others than its owner may
+// read. No error says what the seed is.
+func loadSeed(path string) (nkeys.KeyPair, error) {
+	info, err := os.Stat(path)
+	if err != nil {
+		return nil, fmt.Errorf("credentials: %w", err)
+	}
+	if info.Mode().Perm()&0o077 != 0 {
+		return nil, fmt.Errorf("credentials %s: mode %v lets others read it; chmod 600 it", path, info.Mode().Perm())
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("credentials: %w", err)
+	}
+	kp, err := nkeys.FromSeed([]byte(strings.TrimSpace(string(data))))
+	if err != nil {
+		return nil, fmt.Errorf("credentials %s: not an nkey user seed", path)
+	}
+	return kp, nil
+}
+
+// CredsOptions are the connect options of the identity in the seed file
+// at path: its nkey, and its own inbox prefix, which its permissions
+// require.
+func CredsOptions(path string) ([]nats.Option, error) {
+	id, err := identityOf(path)
+	if err != nil {
+		return nil, err
+	}
+	kp, err := loadSeed(path)
+	if err != nil {
+		return nil, err
+	}
+	pub, err := kp.PublicKey()
+	if err != nil {
+		return nil, err
+	}
+	return []nats.Option{nats.Nkey(pub, kp.Sign), nats.CustomInboxPrefix(bus.InboxPrefix(id.Name()))}, nil
+}
+
+// SecureEmbedded makes the credentials of an embedded server in dataDir
+// (for the given hosts' agents too) if they are missing, and sets cfg to
+// start the server with auth on and to connect as the control plane, with
+// the admin identity setting up the streams. It returns the credentials
+// directory.
+func SecureEmbedded(cfg *NATSConfig, dataDir string, hosts []string, log *slog.Logger) (string, error) {
+	dir := CredsDir(dataDir)
+	made, err := InitCreds(dir, hosts)
+	if err != nil {
+		return "", fmt.Errorf("credentials in %s: %w", dir, err)
+	}
+	if len(made) > 0 {
+		log.Info("made credentials", "dir", dir, "identities", made)
+	}
+	if cfg.Identities, err = LoadIdentities(dir); err != nil {
+		return "", err
+	}
+	cfg.Creds, cfg.AdminCreds = CredsFile(dir, string(bus.RolePlane)), CredsFile(dir, string(bus.RoleAdmin))
+	return dir, nil
+}
+
+// WarnInsecure says, loudly, that the bus takes anyone.
+func WarnInsecure(log *slog.Logger) {
+	log.Warn("INSECURE: NATS authentication is off (--insecure): anyone who reaches the port can publish decisions, impersonate hosts and read every goal; for a throwaway setup only")
+}
