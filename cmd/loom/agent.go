@@ -29,7 +29,11 @@ and never creates or changes streams.`,
 				return events.Errorf(events.CodeInvalidArgument, "--host: %v", err)
 			}
 			log := newLogger(verbose)
-			conn, err := plane.Join(client.url, "loom-agent-"+cfg.Host)
+			creds, err := client.credsFor(plane.AgentName(cfg.Host))
+			if err != nil {
+				return err
+			}
+			conn, err := plane.Join(client.url, "loom-agent-"+cfg.Host, creds)
 			if err != nil {
 				return err
 			}

@@ -17,6 +17,7 @@ import (
 
 	"github.com/loomctl/loom/events"
 	"github.com/loomctl/loom/events/audit"
+	"github.com/loomctl/loom/events/bus"
 )
 
 // verifyFlags are the flags of `loom audit verify`.
@@ -74,7 +75,7 @@ func runVerify(ctx context.Context, w io.Writer, flags *clientFlags, vf verifyFl
 	} else {
 		source = events.StreamEvents
 		var c *client
-		if c, err = flags.connect(); err == nil {
+		if c, err = flags.connect(bus.RoleAuditor); err == nil {
 			defer c.close()
 			err = verifyStream(ctx, c, v)
 		}

@@ -33,7 +33,7 @@ func TestCLI_AuditVerify_CatchesDoctoredCopies(t *testing.T) {
 	url := startUp(t, dir, "--seal-every", "100ms")
 	loom := func(args ...string) (string, error) {
 		var out lockedBuffer
-		err := execute(t.Context(), &out, append([]string{"--nats", url}, args...)...)
+		err := execute(t.Context(), &out, append([]string{"--nats", url, "--creds", filepath.Join(dir, "creds")}, args...)...)
 		return out.String(), err
 	}
 	must := func(args ...string) string {

@@ -7,8 +7,9 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/loomctl/loom/projections"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/loomctl/loom/projections"
 )
 
 // benchRebuild fills LOOM_EVENTS with cfg.events events of a generated

@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/loomctl/loom/cmd/loom/plane"
 	"github.com/loomctl/loom/events"
 )
 
@@ -53,7 +54,7 @@ func TestCLI_UpCreateGetTail(t *testing.T) {
 	loom := func(args ...string) string {
 		t.Helper()
 		var out lockedBuffer
-		if err := execute(t.Context(), &out, append([]string{"--nats", url}, args...)...); err != nil {
+		if err := execute(t.Context(), &out, append([]string{"--nats", url, "--creds", filepath.Join(dir, "creds")}, args...)...); err != nil {
 			t.Fatalf("loom %s: %v\n%s", strings.Join(args, " "), err, out.String())
 		}
 		return out.String()
@@ -90,7 +91,7 @@ func TestCLI_UpCreateGetTail(t *testing.T) {
 		t.Errorf("vm get shows leases %+v, want two", vm.Leases)
 	}
 	var discard lockedBuffer
-	err = execute(t.Context(), &discard, "--nats", url, "lease", "acquire", "disk/web-1", "--holder", "web-2", "--host", vm.Host)
+	err = execute(t.Context(), &discard, "--nats", url, "--creds", filepath.Join(dir, "creds"), "lease", "acquire", "disk/web-1", "--holder", "web-2", "--host", vm.Host)
 	if err == nil || !strings.Contains(err.Error(), "lease_held") || !strings.Contains(err.Error(), "VM web-1") {
 		t.Errorf("a second holder asking for web-1's disk: %v", err)
 	}
@@ -171,6 +172,23 @@ func TestCLI_UpCreateGetTail(t *testing.T) {
 		if !strings.Contains(metrics, want) {
 			t.Errorf("/metrics lacks %q", want)
 		}
+	}
+
+	// loom up is locked down: each of its parts ran as its own identity and
+	// was refused nothing, and a connection without credentials gets in
+	// nowhere, told what to give.
+	if n := plane.Refusals(); n != 0 {
+		t.Errorf("the server refused loom up's own identities %d times: a role lacks a right its job needs", n)
+	}
+	var out lockedBuffer
+	err = execute(t.Context(), &out, "--nats", url, "--creds", "", "vm", "list")
+	if err == nil || !strings.Contains(err.Error(), "Authorization") || !strings.Contains(err.Error(), "--creds") {
+		t.Errorf("vm list without credentials: %v", err)
+	}
+	// A client's credentials do not read the event stream.
+	err = execute(t.Context(), &out, "--nats", url, "--creds", filepath.Join(dir, "creds", "client.nk"), "--timeout", "2s", "events", "tail", "--no-follow")
+	if err == nil {
+		t.Errorf("events tail as a client read the stream:\n%s", out.String())
 	}
 }
 

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 	"os/user"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -13,7 +15,9 @@ import (
 	"github.com/oklog/ulid/v2"
 	"github.com/spf13/cobra"
 
+	"github.com/loomctl/loom/cmd/loom/plane"
 	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/bus"
 )
 
 // defaultNATS is where a local `loom up` listens.
@@ -26,6 +30,8 @@ type clientFlags struct {
 	commandID string
 	output    string
 	timeout   time.Duration
+	// creds is a seed file, or a directory of them (--creds).
+	creds string
 }
 
 func (f *clientFlags) register(root *cobra.Command) {
@@ -36,6 +42,46 @@ func (f *clientFlags) register(root *cobra.Command) {
 	root.PersistentFlags().StringVar(&f.url, "nats", url, "NATS server URL of the control plane (env LOOM_NATS)")
 	root.PersistentFlags().StringVarP(&f.output, "output", "o", "table", "output format: table or json")
 	root.PersistentFlags().DurationVar(&f.timeout, "timeout", 10*time.Second, "how long to wait for an answer")
+	root.PersistentFlags().StringVar(&f.creds, "creds", os.Getenv("LOOM_CREDS"),
+		"your identity's nkey seed file, or a directory of them (loom up's DATA-DIR/creds), from which a verb picks what it needs: client.nk, auditor.nk for events and audit, agent-HOST.nk for agent (env LOOM_CREDS; default DATA-DIR/creds if it exists)")
+}
+
+// credsFor is the seed file of the identity name: --creds if it is a file,
+// name.nk in --creds if it is a directory, or in the default data
+// directory's creds; empty if there is none (a server without auth).
+func (f *clientFlags) credsFor(name string) (string, error) {
+	path := f.creds
+	if path == "" && strings.Contains(f.url, "@") {
+		return "", nil // the URL carries its own user
+	}
+	if path == "" {
+		path = plane.CredsDir(defaultDataDir())
+		if _, err := os.Stat(plane.CredsFile(path, name)); err != nil {
+			return "", nil
+		}
+	}
+	info, err := os.Stat(path)
+	if err != nil {
+		return "", events.Errorf(events.CodeInvalidArgument, "--creds: %v", err)
+	}
+	if info.IsDir() {
+		path = plane.CredsFile(path, name)
+		if _, err := os.Stat(path); err != nil {
+			return "", events.Errorf(events.CodeInvalidArgument, "--creds: %s holds no credentials of %s", f.creds, name)
+		}
+	}
+	return path, nil
+}
+
+// roleOf is the identity a verb acts as: reading the event stream is an
+// auditor's right, the rest a client's.
+func roleOf(cmd *cobra.Command) bus.Role {
+	for c := cmd; c != nil; c = c.Parent() {
+		if c.Name() == "events" || c.Name() == "audit" {
+			return bus.RoleAuditor
+		}
+	}
+	return bus.RoleClient
 }
 
 // registerCommandFlags binds the flags of verbs that send commands, on a
@@ -61,11 +107,36 @@ type client struct {
 	nc    *nats.Conn
 }
 
-func (f *clientFlags) connect() (*client, error) {
+// connect connects as role.
+func (f *clientFlags) connect(role bus.Role) (*client, error) {
 	if f.output != "table" && f.output != "json" {
 		return nil, fmt.Errorf("--output %q: want table or json", f.output)
 	}
-	nc, err := nats.Connect(f.url, nats.Name("loom-cli"), nats.Timeout(3*time.Second))
+	creds, err := f.credsFor(string(role))
+	if err != nil {
+		return nil, err
+	}
+	who := "without credentials"
+	if strings.Contains(f.url, "@") {
+		who = "the user the URL names"
+	}
+	opts := []nats.Option{nats.Name("loom-cli"), nats.Timeout(3 * time.Second),
+		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+			// The server's refusals come asynchronously: say them.
+			fmt.Fprintf(os.Stderr, "loom: the server refused %s: %v\n", who, err)
+		})}
+	if creds != "" {
+		who = "identity " + strings.TrimSuffix(filepath.Base(creds), ".nk") + " (" + creds + ")"
+		more, err := plane.CredsOptions(creds)
+		if err != nil {
+			return nil, err
+		}
+		opts = append(opts, more...)
+	}
+	nc, err := nats.Connect(f.url, opts...)
+	if errors.Is(err, nats.ErrAuthorization) {
+		return nil, fmt.Errorf("connect to %s %s: %w (give --creds: loom up keeps them in DATA-DIR/creds)", f.url, who, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("connect to %s: %w (is `loom up` or `loom serve` running? set --nats or LOOM_NATS)", f.url, err)
 	}
@@ -78,7 +149,7 @@ func (c *client) close() { c.nc.Close() }
 // connects, runs fn, and disconnects.
 func (f *clientFlags) withClient(fn func(cmd *cobra.Command, args []string, c *client) error) func(*cobra.Command, []string) error {
 	return func(cmd *cobra.Command, args []string) error {
-		c, err := f.connect()
+		c, err := f.connect(roleOf(cmd))
 		if err != nil {
 			return err
 		}

@@ -40,8 +40,9 @@ func newRoot() *cobra.Command {
 	client := &clientFlags{}
 	client.register(root)
 	root.AddCommand(
+		newInitCommand(),
 		newUpCommand(),
-		newServeCommand(),
+		newServeCommand(client),
 		newAgentCommand(client),
 		newFenceCommand(),
 		newHostCommand(client),

@@ -8,6 +8,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/loomctl/loom/cmd/loom/plane"
+	"github.com/loomctl/loom/events/bus"
 	"github.com/loomctl/loom/handlers"
 )
 
@@ -17,6 +18,24 @@ func registerNATSFlags(cmd *cobra.Command, c *plane.NATSConfig) {
 	cmd.Flags().StringVar(&c.Listen, "listen", plane.DefaultListen, "embedded NATS: client listen address")
 	cmd.Flags().StringVar(&c.Sync, "sync", "always", "embedded NATS: fsync every write before acking (always), or every DURATION (e.g. 2m: faster, but a machine crash may lose that much)")
 	cmd.Flags().IntVar(&c.Replicas, "replicas", 1, "replicas of Loom's streams (3 or 5 on a cluster)")
+}
+
+// serveIdentity chooses how loom serve authenticates: with an embedded
+// server, the credentials of its data directory (made if missing), or
+// none with --insecure; with --nats-url, the control plane's seed from
+// --creds (plane.nk in a directory).
+func serveIdentity(cfg *plane.NATSConfig, client *clientFlags, dataDir string, insecure bool, log *slog.Logger) error {
+	switch {
+	case insecure:
+		plane.WarnInsecure(log)
+		return nil
+	case cfg.URL == "":
+		_, err := plane.SecureEmbedded(cfg, dataDir, nil, log)
+		return err
+	}
+	creds, err := client.credsFor(string(bus.RolePlane))
+	cfg.Creds = creds
+	return err
 }
 
 // sealFlags choose how the control plane seals the history.
@@ -30,13 +49,14 @@ func (f *sealFlags) register(cmd *cobra.Command) {
 	cmd.Flags().DurationVar(&f.every, "seal-every", handlers.DefaultSealEvery, "how often to seal the events appended since the last seal")
 }
 
-func newServeCommand() *cobra.Command {
+func newServeCommand(client *clientFlags) *cobra.Command {
 	var (
 		natsCfg  plane.NATSConfig
 		dataDir  string
 		httpAddr string
 		verbose  bool
 		seal     sealFlags
+		insecure bool
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -44,6 +64,9 @@ func newServeCommand() *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			log := newLogger(verbose)
+			if err := serveIdentity(&natsCfg, client, dataDir, insecure, log); err != nil {
+				return err
+			}
 			conn, err := plane.Connect(cmd.Context(), natsCfg, dataDir, "loom-serve", log)
 			if err != nil {
 				return err
@@ -54,6 +77,8 @@ func newServeCommand() *cobra.Command {
 		},
 	}
 	seal.register(cmd)
+	cmd.Flags().BoolVar(&insecure, "insecure", false, "run the embedded NATS without authentication: anyone who reaches the port may do anything (a throwaway setup only)")
+	cmd.Flags().StringVar(&natsCfg.AdminCreds, "admin-creds", "", "with --nats-url: the admin identity's seed, to create or update Loom's streams (without it, serve only checks them and refuses to run on streams that differ)")
 	registerNATSFlags(cmd, &natsCfg)
 	cmd.Flags().StringVar(&dataDir, "data-dir", defaultDataDir(), "where the embedded NATS and the read models keep their files")
 	cmd.Flags().StringVar(&httpAddr, "http", "127.0.0.1:9464", "HTTP address for /metrics and /readyz (empty: none)")

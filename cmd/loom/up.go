@@ -15,6 +15,7 @@ import (
 	"github.com/loomctl/loom/cmd/loom/plane"
 	"github.com/loomctl/loom/events"
 	"github.com/loomctl/loom/events/audit"
+	"github.com/loomctl/loom/events/bus"
 )
 
 // upConfig configures `loom up`.
@@ -28,6 +29,7 @@ type upConfig struct {
 	qemu     bool
 	verbose  bool
 	seal     sealFlags
+	insecure bool
 }
 
 func newUpCommand() *cobra.Command {
@@ -56,6 +58,7 @@ overlay on it. Ctrl-C stops everything it started. Needs root.`,
 	cmd.Flags().BoolVar(&cfg.qemu, "qemu", false, "run real QEMU guests instead of the test driver")
 	cmd.Flags().BoolVarP(&cfg.verbose, "verbose", "v", false, "debug logging")
 	cfg.seal.register(cmd)
+	cmd.Flags().BoolVar(&cfg.insecure, "insecure", false, "run NATS without authentication: anyone who reaches the port may do anything (a throwaway setup only)")
 	return cmd
 }
 
@@ -67,6 +70,23 @@ func runUp(ctx context.Context, cfg upConfig, out io.Writer) error {
 	dataDir, err := filepath.Abs(cfg.dataDir)
 	if err != nil {
 		return err
+	}
+	names := make([]string, cfg.hosts)
+	for i := range names {
+		names[i] = hostName(i)
+	}
+	credsDir := ""
+	if cfg.insecure {
+		plane.WarnInsecure(log)
+	} else if credsDir, err = plane.SecureEmbedded(&cfg.nats, dataDir, names, log); err != nil {
+		return err
+	}
+	// creds is the seed file of an identity, or none without auth.
+	creds := func(name string) string {
+		if credsDir == "" {
+			return ""
+		}
+		return plane.CredsFile(credsDir, name)
 	}
 	conn, err := plane.Connect(ctx, cfg.nats, dataDir, "loom-up", log)
 	if err != nil {
@@ -108,15 +128,26 @@ func runUp(ctx context.Context, cfg upConfig, out io.Writer) error {
 		g.Go(func() error {
 			return plane.RunFencer(ctx, plane.FencerConfig{Host: name, Socket: socket, URI: kind.uri, Listen: fence}, log)
 		})
-		g.Go(func() error {
-			return plane.RunAgent(ctx, conn, agent, log)
-		})
-	}
-	g.Go(func() error {
-		if err := registerFleet(ctx, conn, cfg, kind.image); err != nil {
+		// Each agent connects as its own host's identity.
+		agentConn, err := plane.Join(conn.URL, "loom-agent-"+name, creds(plane.AgentName(name)))
+		if err != nil {
 			return err
 		}
-		printWhere(out, conn, cfg, dataDir, sockets, kind)
+		defer agentConn.Close()
+		g.Go(func() error {
+			return plane.RunAgent(ctx, agentConn, agent, log)
+		})
+	}
+	clientConn, err := plane.Join(conn.URL, "loom-up", creds(string(bus.RoleClient)))
+	if err != nil {
+		return err
+	}
+	defer clientConn.Close()
+	g.Go(func() error {
+		if err := registerFleet(ctx, clientConn, cfg, kind.image); err != nil {
+			return err
+		}
+		printWhere(out, conn, cfg, dataDir, credsDir, sockets, kind)
 		return nil
 	})
 	err = g.Wait()
@@ -153,13 +184,18 @@ func registerFleet(ctx context.Context, conn *plane.Connection, cfg upConfig, im
 	return nil
 }
 
-func printWhere(w io.Writer, conn *plane.Connection, cfg upConfig, dataDir string, sockets []string, kind hostKind) {
+func printWhere(w io.Writer, conn *plane.Connection, cfg upConfig, dataDir, credsDir string, sockets []string, kind hostKind) {
 	fmt.Fprintf(w, "\nLoom is up.\n")
 	fmt.Fprintf(w, "  NATS        %s  (client verbs find it with no flags)\n", conn.URL)
 	if cfg.httpAddr != "" {
 		fmt.Fprintf(w, "  metrics     http://%s/metrics   readiness http://%s/readyz\n", cfg.httpAddr, cfg.httpAddr)
 	}
 	fmt.Fprintf(w, "  data        %s\n", dataDir)
+	if credsDir != "" {
+		fmt.Fprintf(w, "  creds       %s  (one nkey per identity; the verbs find them with --creds %s, or by themselves in the default data dir)\n", credsDir, credsDir)
+	} else {
+		fmt.Fprintf(w, "  creds       none: INSECURE, anyone who reaches NATS may do anything\n")
+	}
 	sealKey := cmp.Or(cfg.seal.key, filepath.Join(dataDir, "seal.key"))
 	fmt.Fprintf(w, "  seals       signed with %s; auditors verify with %s\n", sealKey, audit.PublicPath(sealKey))
 	for i, s := range sockets {
