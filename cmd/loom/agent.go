@@ -29,11 +29,11 @@ and never creates or changes streams.`,
 				return events.Errorf(events.CodeInvalidArgument, "--host: %v", err)
 			}
 			log := newLogger(verbose)
-			creds, err := client.credsFor(plane.AgentName(cfg.Host))
+			access, err := client.accessFor(plane.AgentName(cfg.Host))
 			if err != nil {
 				return err
 			}
-			conn, err := plane.Join(client.url, "loom-agent-"+cfg.Host, creds)
+			conn, err := plane.Join(client.url, "loom-agent-"+cfg.Host, access)
 			if err != nil {
 				return err
 			}

@@ -182,6 +182,10 @@ func TestCLI_UpCreateGetTail(t *testing.T) {
 	}
 	var out lockedBuffer
 	err = execute(t.Context(), &out, "--nats", url, "--creds", "", "vm", "list")
+	if err == nil || !strings.Contains(err.Error(), "--tls-ca") {
+		t.Errorf("vm list without the CA: %v", err)
+	}
+	err = execute(t.Context(), &out, "--nats", url, "--creds", "", "--tls-ca", filepath.Join(dir, "creds", "ca.pem"), "vm", "list")
 	if err == nil || !strings.Contains(err.Error(), "Authorization") || !strings.Contains(err.Error(), "--creds") {
 		t.Errorf("vm list without credentials: %v", err)
 	}
@@ -229,7 +233,7 @@ func execute(ctx context.Context, out *lockedBuffer, args ...string) error {
 // waitForURL waits for loom up to say where NATS is.
 func waitForURL(t *testing.T, out *lockedBuffer, done <-chan error) string {
 	t.Helper()
-	re := regexp.MustCompile(`NATS\s+(nats://\S+)`)
+	re := regexp.MustCompile(`NATS\s+((?:nats|tls)://\S+)`)
 	deadline := time.After(60 * time.Second)
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"os"
@@ -32,6 +33,8 @@ type clientFlags struct {
 	timeout   time.Duration
 	// creds is a seed file, or a directory of them (--creds).
 	creds string
+	// tlsCA is the CA certificate to trust (--tls-ca).
+	tlsCA string
 }
 
 func (f *clientFlags) register(root *cobra.Command) {
@@ -44,33 +47,43 @@ func (f *clientFlags) register(root *cobra.Command) {
 	root.PersistentFlags().DurationVar(&f.timeout, "timeout", 10*time.Second, "how long to wait for an answer")
 	root.PersistentFlags().StringVar(&f.creds, "creds", os.Getenv("LOOM_CREDS"),
 		"your identity's nkey seed file, or a directory of them (loom up's DATA-DIR/creds), from which a verb picks what it needs: client.nk, auditor.nk for events and audit, agent-HOST.nk for agent (env LOOM_CREDS; default DATA-DIR/creds if it exists)")
+	root.PersistentFlags().StringVar(&f.tlsCA, "tls-ca", os.Getenv("LOOM_TLS_CA"), "the CA certificate (PEM) to trust for TLS to NATS (env LOOM_TLS_CA; default ca.pem beside the credentials)")
 }
 
-// credsFor is the seed file of the identity name: --creds if it is a file,
-// name.nk in --creds if it is a directory, or in the default data
-// directory's creds; empty if there is none (a server without auth).
-func (f *clientFlags) credsFor(name string) (string, error) {
+// accessFor is how the identity name gets in: its seed file (--creds if
+// it is a file, name.nk in --creds if it is a directory, or in the default
+// data directory's creds) and the CA to trust (--tls-ca, or ca.pem beside
+// the seed); none of either where there is none (a server without auth or
+// TLS).
+func (f *clientFlags) accessFor(name string) (plane.Access, error) {
+	a := plane.Access{CA: f.tlsCA}
 	path := f.creds
 	if path == "" && strings.Contains(f.url, "@") {
-		return "", nil // the URL carries its own user
+		return a, nil // the URL carries its own user
 	}
 	if path == "" {
 		path = plane.CredsDir(defaultDataDir())
 		if _, err := os.Stat(plane.CredsFile(path, name)); err != nil {
-			return "", nil
+			return a, nil
 		}
 	}
 	info, err := os.Stat(path)
 	if err != nil {
-		return "", events.Errorf(events.CodeInvalidArgument, "--creds: %v", err)
+		return a, events.Errorf(events.CodeInvalidArgument, "--creds: %v", err)
 	}
 	if info.IsDir() {
 		path = plane.CredsFile(path, name)
 		if _, err := os.Stat(path); err != nil {
-			return "", events.Errorf(events.CodeInvalidArgument, "--creds: %s holds no credentials of %s", f.creds, name)
+			return a, events.Errorf(events.CodeInvalidArgument, "--creds: %s holds no credentials of %s", f.creds, name)
 		}
 	}
-	return path, nil
+	a.Creds = path
+	if ca := plane.CAFile(filepath.Dir(path)); a.CA == "" {
+		if _, err := os.Stat(ca); err == nil {
+			a.CA = ca
+		}
+	}
+	return a, nil
 }
 
 // roleOf is the identity a verb acts as: reading the event stream is an
@@ -112,7 +125,7 @@ func (f *clientFlags) connect(role bus.Role) (*client, error) {
 	if f.output != "table" && f.output != "json" {
 		return nil, fmt.Errorf("--output %q: want table or json", f.output)
 	}
-	creds, err := f.credsFor(string(role))
+	access, err := f.accessFor(string(role))
 	if err != nil {
 		return nil, err
 	}
@@ -125,15 +138,19 @@ func (f *clientFlags) connect(role bus.Role) (*client, error) {
 			// The server's refusals come asynchronously: say them.
 			fmt.Fprintf(os.Stderr, "loom: the server refused %s: %v\n", who, err)
 		})}
-	if creds != "" {
-		who = "identity " + strings.TrimSuffix(filepath.Base(creds), ".nk") + " (" + creds + ")"
-		more, err := plane.CredsOptions(creds)
-		if err != nil {
-			return nil, err
-		}
-		opts = append(opts, more...)
+	if access.Creds != "" {
+		who = "identity " + strings.TrimSuffix(filepath.Base(access.Creds), ".nk") + " (" + access.Creds + ")"
 	}
+	more, err := access.Options()
+	if err != nil {
+		return nil, err
+	}
+	opts = append(opts, more...)
 	nc, err := nats.Connect(f.url, opts...)
+	var unknownCA x509.UnknownAuthorityError
+	if errors.As(err, &unknownCA) || (err != nil && strings.Contains(err.Error(), "x509")) {
+		return nil, fmt.Errorf("connect to %s: %w (give --tls-ca: the CA that signed the server's certificate; loom up keeps it as DATA-DIR/creds/ca.pem)", f.url, err)
+	}
 	if errors.Is(err, nats.ErrAuthorization) {
 		return nil, fmt.Errorf("connect to %s %s: %w (give --creds: loom up keeps them in DATA-DIR/creds)", f.url, who, err)
 	}

@@ -12,8 +12,9 @@ import (
 
 func newInitCommand() *cobra.Command {
 	var (
-		dataDir string
-		hosts   []string
+		dataDir  string
+		hosts    []string
+		tlsNames []string
 	)
 	cmd := &cobra.Command{
 		Use:   "init [--data-dir DIR] [--host NAME]...",
@@ -26,7 +27,9 @@ embedded server of loom serve and loom up lets in and nothing else. Seeds that
 exist are kept: run it again to add hosts, then restart loom serve. Give each
 host's agent its own agent-HOST.nk (loom agent --creds), people their
 client.nk, auditors their auditor.nk; keep admin.nk and plane.nk on the
-control plane. loom serve and loom up run it themselves.`,
+control plane. It also makes a CA (ca.pem, which clients trust) and the
+server's certificate (server.pem, server-key.pem); replace them with your own
+if you have a CA. loom serve and loom up run it themselves.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			for _, h := range hosts {
@@ -47,8 +50,15 @@ control plane. loom serve and loom up run it themselves.`,
 			if err != nil {
 				return err
 			}
+			madeTLS, err := plane.InitTLS(dir, tlsNames)
+			if err != nil {
+				return err
+			}
 			w := cmd.OutOrStdout()
 			fmt.Fprintf(w, "%s: %d identities, %d new\n", dir, len(ids), len(made))
+			if madeTLS {
+				fmt.Fprintf(w, "  made a CA (%s, what clients trust) and the server's certificate\n", plane.CAFile(dir))
+			}
 			for _, id := range ids {
 				fmt.Fprintf(w, "  %-16s %-8s %s\n", id.Name(), id.Role, id.Key)
 			}
@@ -57,5 +67,6 @@ control plane. loom serve and loom up run it themselves.`,
 	}
 	cmd.Flags().StringVar(&dataDir, "data-dir", defaultDataDir(), "the data directory whose creds/ to fill")
 	cmd.Flags().StringArrayVar(&hosts, "host", nil, "a host whose agent needs an identity; repeat for several")
+	cmd.Flags().StringArrayVar(&tlsNames, "tls-name", nil, "a name or address clients reach the server by, besides localhost, the loopback addresses and this machine's name, for its certificate (only when it is first made)")
 	return cmd
 }

@@ -33,8 +33,8 @@ func serveIdentity(cfg *plane.NATSConfig, client *clientFlags, dataDir string, i
 		_, err := plane.SecureEmbedded(cfg, dataDir, nil, log)
 		return err
 	}
-	creds, err := client.credsFor(string(bus.RolePlane))
-	cfg.Creds = creds
+	access, err := client.accessFor(string(bus.RolePlane))
+	cfg.Creds, cfg.CA = access.Creds, access.CA
 	return err
 }
 

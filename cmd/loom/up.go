@@ -81,12 +81,12 @@ func runUp(ctx context.Context, cfg upConfig, out io.Writer) error {
 	} else if credsDir, err = plane.SecureEmbedded(&cfg.nats, dataDir, names, log); err != nil {
 		return err
 	}
-	// creds is the seed file of an identity, or none without auth.
-	creds := func(name string) string {
+	// access is how an identity gets in: none without auth.
+	access := func(name string) plane.Access {
 		if credsDir == "" {
-			return ""
+			return plane.Access{}
 		}
-		return plane.CredsFile(credsDir, name)
+		return plane.AccessIn(credsDir, name)
 	}
 	conn, err := plane.Connect(ctx, cfg.nats, dataDir, "loom-up", log)
 	if err != nil {
@@ -129,7 +129,7 @@ func runUp(ctx context.Context, cfg upConfig, out io.Writer) error {
 			return plane.RunFencer(ctx, plane.FencerConfig{Host: name, Socket: socket, URI: kind.uri, Listen: fence}, log)
 		})
 		// Each agent connects as its own host's identity.
-		agentConn, err := plane.Join(conn.URL, "loom-agent-"+name, creds(plane.AgentName(name)))
+		agentConn, err := plane.Join(conn.URL, "loom-agent-"+name, access(plane.AgentName(name)))
 		if err != nil {
 			return err
 		}
@@ -138,7 +138,7 @@ func runUp(ctx context.Context, cfg upConfig, out io.Writer) error {
 			return plane.RunAgent(ctx, agentConn, agent, log)
 		})
 	}
-	clientConn, err := plane.Join(conn.URL, "loom-up", creds(string(bus.RoleClient)))
+	clientConn, err := plane.Join(conn.URL, "loom-up", access(string(bus.RoleClient)))
 	if err != nil {
 		return err
 	}

@@ -2,6 +2,7 @@ package bus
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"time"
@@ -34,6 +35,9 @@ type ServerConfig struct {
 	// Identities, if any, are the only users the server accepts, each
 	// with its role's permissions; none means no authentication at all.
 	Identities []Identity
+	// TLS, if set, is required of every client connection over the
+	// network (in-process connections have no network to cross).
+	TLS *tls.Config
 }
 
 // Server is a running embedded NATS server.
@@ -60,6 +64,9 @@ func StartServer(ctx context.Context, cfg ServerConfig) (*Server, error) {
 		DontListen:         cfg.NoListen,
 		MaxPayload:         8 << 20,
 		JetStreamMaxMemory: 1 << 30,
+	}
+	if cfg.TLS != nil {
+		opts.TLS, opts.TLSConfig, opts.TLSTimeout = true, cfg.TLS, 2
 	}
 	if len(cfg.Identities) > 0 {
 		users, err := nkeyUsers(cfg.Identities)

@@ -198,10 +198,10 @@ func CredsOptions(path string) ([]nats.Option, error) {
 }
 
 // SecureEmbedded makes the credentials of an embedded server in dataDir
-// (for the given hosts' agents too) if they are missing, and sets cfg to
-// start the server with auth on and to connect as the control plane, with
-// the admin identity setting up the streams. It returns the credentials
-// directory.
+// (for the given hosts' agents too) and its TLS certificates if they are
+// missing, and sets cfg to start the server with auth and TLS on and to
+// connect as the control plane, with the admin identity setting up the
+// streams. It returns the credentials directory.
 func SecureEmbedded(cfg *NATSConfig, dataDir string, hosts []string, log *slog.Logger) (string, error) {
 	dir := CredsDir(dataDir)
 	made, err := InitCreds(dir, hosts)
@@ -214,11 +214,29 @@ func SecureEmbedded(cfg *NATSConfig, dataDir string, hosts []string, log *slog.L
 	if cfg.Identities, err = LoadIdentities(dir); err != nil {
 		return "", err
 	}
+	if made, err := InitTLS(dir, nil); err != nil {
+		return "", fmt.Errorf("TLS in %s: %w", dir, err)
+	} else if made {
+		log.Info("made a CA and the server's certificate: clients trust the CA", "ca", CAFile(dir))
+	}
+	if cfg.TLS, err = ServerTLS(dir); err != nil {
+		return "", err
+	}
 	cfg.Creds, cfg.AdminCreds = CredsFile(dir, string(bus.RolePlane)), CredsFile(dir, string(bus.RoleAdmin))
+	cfg.CA = CAFile(dir)
 	return dir, nil
 }
 
 // WarnInsecure says, loudly, that the bus takes anyone.
 func WarnInsecure(log *slog.Logger) {
-	log.Warn("INSECURE: NATS authentication is off (--insecure): anyone who reaches the port can publish decisions, impersonate hosts and read every goal; for a throwaway setup only")
+	log.Warn("INSECURE: NATS authentication and TLS are off (--insecure): anyone who reaches the port can publish decisions, impersonate hosts and read every goal; for a throwaway setup only")
+}
+
+// AccessIn is how the identity name gets in with the credentials of dir.
+func AccessIn(dir, name string) Access {
+	a := Access{Creds: CredsFile(dir, name)}
+	if _, err := os.Stat(CAFile(dir)); err == nil {
+		a.CA = CAFile(dir)
+	}
+	return a
 }

@@ -1,11 +1,15 @@
 package plane
 
 import (
+	"bufio"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/nats-io/nats.go"
 
 	"github.com/loomctl/loom/events/bus"
 )
@@ -78,5 +82,62 @@ func TestCredsOptions_BadFiles(t *testing.T) {
 	}
 	if _, err := CredsOptions(stray); err == nil || !strings.Contains(err.Error(), "no role") {
 		t.Errorf("a seed whose name says no role: %v", err)
+	}
+}
+
+// TestTLS_RequiredOfEveryNetworkConnection starts a server with the TLS
+// InitTLS makes: a client that trusts its CA gets in; one without TLS, or
+// trusting another CA, does not.
+func TestTLS_RequiredOfEveryNetworkConnection(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "creds")
+	if made, err := InitTLS(dir, []string{"bus.example"}); err != nil || !made {
+		t.Fatalf("InitTLS: %v %v", made, err)
+	}
+	if made, err := InitTLS(dir, nil); err != nil || made {
+		t.Fatalf("a second InitTLS made new certificates (%v, %v)", made, err)
+	}
+	cfg, err := ServerTLS(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := bus.StartServer(t.Context(), bus.ServerConfig{DataDir: t.TempDir(), Port: -1, TLS: cfg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Stop)
+	opts, err := Access{CA: CAFile(dir)}.Options()
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc, err := nats.Connect(srv.ClientURL(), opts...)
+	if err != nil {
+		t.Fatalf("a client trusting the CA: %v", err)
+	}
+	if state, ok := nc.TLSConnectionState(); ok != nil || !state.HandshakeComplete {
+		t.Errorf("the connection is not TLS: %v", ok)
+	}
+	nc.Close()
+	// A client that speaks plain text is told TLS is required, and
+	// nats.go, which then tries TLS, does not trust a CA it was not given.
+	raw, err := net.Dial("tcp", strings.TrimPrefix(srv.ClientURL(), "tls://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := bufio.NewReader(raw).ReadString('\n')
+	_ = raw.Close()
+	if err != nil || !strings.Contains(info, `"tls_required":true`) {
+		t.Errorf("the server's greeting does not require TLS: %q (%v)", info, err)
+	}
+	if nc, err := nats.Connect(srv.ClientURL()); err == nil {
+		nc.Close()
+		t.Error("a client that was given no CA got in")
+	}
+	other := filepath.Join(t.TempDir(), "other")
+	if _, err := InitTLS(other, nil); err != nil {
+		t.Fatal(err)
+	}
+	if nc, err := nats.Connect(srv.ClientURL(), nats.RootCAs(CAFile(other))); err == nil {
+		nc.Close()
+		t.Error("a client trusting another CA got in")
 	}
 }

@@ -2,6 +2,7 @@ package plane
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -33,6 +34,12 @@ type NATSConfig struct {
 	// Creds is the seed file this connection authenticates with; empty
 	// means none.
 	Creds string
+	// TLS, if set, is the embedded server's: TLS on every client
+	// connection.
+	TLS *tls.Config
+	// CA, if set, is the CA certificate (PEM) this connection trusts: TLS
+	// to the server.
+	CA string
 	// AdminCreds, if set, is the admin identity's seed file: Connect uses
 	// it to create or update the streams, and nothing else. Without it,
 	// an authenticated Connect only checks that the streams are as Loom
@@ -61,7 +68,7 @@ func (c NATSConfig) ServerConfig(dataDir string) (bus.ServerConfig, error) {
 	if port == 0 {
 		port = -1 // the server's "any free port"
 	}
-	cfg := bus.ServerConfig{DataDir: filepath.Join(dataDir, "nats"), Host: host, Port: port, Identities: c.Identities}
+	cfg := bus.ServerConfig{DataDir: filepath.Join(dataDir, "nats"), Host: host, Port: port, Identities: c.Identities, TLS: c.TLS}
 	switch c.Sync {
 	case "", "always":
 		cfg.SyncAlways = true
@@ -115,7 +122,7 @@ func Connect(ctx context.Context, cfg NATSConfig, dataDir, name string, log *slo
 		conn.Close()
 		return nil, err
 	}
-	if err := conn.dial(name, cfg.Creds); err != nil {
+	if err := conn.dial(name, Access{Creds: cfg.Creds, CA: cfg.CA}); err != nil {
 		conn.Close()
 		return nil, err
 	}
@@ -135,7 +142,7 @@ func (c *Connection) setUpStreams(ctx context.Context, cfg NATSConfig, name stri
 		return nil // not allowed to: Connect checks them instead
 	}
 	admin := &Connection{URL: c.URL}
-	if err := admin.dial(name+"-admin", cfg.AdminCreds); err != nil {
+	if err := admin.dial(name+"-admin", Access{Creds: cfg.AdminCreds, CA: cfg.CA}); err != nil {
 		return err
 	}
 	defer admin.Close()
@@ -144,18 +151,41 @@ func (c *Connection) setUpStreams(ctx context.Context, cfg NATSConfig, name stri
 
 // Join connects to a running Loom's NATS at url without touching its
 // streams: what a host agent does. Only the control plane creates streams.
-func Join(url, name, creds string) (*Connection, error) {
+func Join(url, name string, as Access) (*Connection, error) {
 	conn := &Connection{URL: url}
-	if err := conn.dial(name, creds); err != nil {
+	if err := conn.dial(name, as); err != nil {
 		conn.Close()
 		return nil, err
 	}
 	return conn, nil
 }
 
-// dial connects to c.URL as the identity of the seed file creds (none if
-// empty), reconnecting forever once connected.
-func (c *Connection) dial(name, creds string) error {
+// Access is how a connection gets in: the seed file of its identity and
+// the CA it trusts for TLS; empty fields mean none.
+type Access struct {
+	Creds string
+	CA    string
+}
+
+// Options are the connect options of a.
+func (a Access) Options() ([]nats.Option, error) {
+	var opts []nats.Option
+	if a.Creds != "" {
+		more, err := CredsOptions(a.Creds)
+		if err != nil {
+			return nil, err
+		}
+		opts = append(opts, more...)
+	}
+	if a.CA != "" {
+		opts = append(opts, nats.RootCAs(a.CA))
+	}
+	return opts, nil
+}
+
+// dial connects to c.URL as a says, reconnecting forever once connected.
+func (c *Connection) dial(name string, a Access) error {
+	creds := a.Creds
 	opts := []nats.Option{nats.Name(name), nats.MaxReconnects(-1), nats.ReconnectWait(250 * time.Millisecond),
 		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
 			if errors.Is(err, nats.ErrPermissionViolation) {
@@ -163,14 +193,11 @@ func (c *Connection) dial(name, creds string) error {
 			}
 			slog.Error("the NATS server refused a request", "connection", name, "identity", identityLabel(creds), "err", err)
 		})}
-	if creds != "" {
-		more, err := CredsOptions(creds)
-		if err != nil {
-			return err
-		}
-		opts = append(opts, more...)
+	more, err := a.Options()
+	if err != nil {
+		return err
 	}
-	var err error
+	opts = append(opts, more...)
 	c.Conn, err = nats.Connect(c.URL, opts...)
 	if err != nil {
 		return fmt.Errorf("connect %s as %s: %w", c.URL, identityLabel(creds), err)
