@@ -78,7 +78,7 @@ func benchCheckpoint(ctx context.Context, cfg benchConfig, dir string, w io.Writ
 		return err
 	}
 
-	conn, stopPlane, err := startBenchPlane(ctx, cfg, filepath.Join(dir, "plane"), log)
+	conn, stopPlane, _, err := startBenchPlane(ctx, cfg, filepath.Join(dir, "plane"), log, false)
 	if err != nil {
 		return err
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/loomctl/loom/cmd/loom/plane"
 	"github.com/loomctl/loom/events"
 )
 
@@ -31,7 +32,17 @@ func benchCreate(ctx context.Context, cfg benchConfig, dir string, w io.Writer) 
 	if err != nil {
 		return fmt.Errorf("raw chain: %w", err)
 	}
-	creates, lat, err := createRate(ctx, cfg, filepath.Join(dir, "loom"))
+	creates, lat, err := createRate(ctx, cfg, filepath.Join(dir, "loom"), false)
+	if err != nil {
+		return fmt.Errorf("vm.create: %w", err)
+	}
+	// Locked down, between two open runs, against the better of them: the
+	// runs drift over time on a shared machine more than TLS costs.
+	secure, _, err := createRate(ctx, cfg, filepath.Join(dir, "secure"), true)
+	if err != nil {
+		return fmt.Errorf("vm.create, locked down: %w", err)
+	}
+	again, _, err := createRate(ctx, cfg, filepath.Join(dir, "again"), false)
 	if err != nil {
 		return fmt.Errorf("vm.create: %w", err)
 	}
@@ -41,6 +52,7 @@ func benchCreate(ctx context.Context, cfg benchConfig, dir string, w io.Writer) 
 	fmt.Fprintf(w, "  vm.create reaches %.2f of that ceiling\n", creates/ceiling)
 	fmt.Fprintf(w, "  vm.create latency p50 %s p99 %s (5 appends each: vm.created, host.allocated, 2 lease.granted, vm.placed)\n",
 		percentile(lat, 0.5).Round(time.Microsecond), percentile(lat, 0.99).Round(time.Microsecond))
+	ratio(w, "vm.create, nkeys + TLS", secure, "vm.create, open bus (best of 2)", max(creates, again), 0)
 	return nil
 }
 
@@ -94,18 +106,26 @@ func rawPublishRate(ctx context.Context, cfg benchConfig, dir string, steps []st
 }
 
 // createRate runs the control plane on a fresh embedded server and measures
-// vm.create requests from clients over TCP.
-func createRate(ctx context.Context, cfg benchConfig, dir string) (float64, []time.Duration, error) {
-	conn, stop, err := startBenchPlane(ctx, cfg, dir, quietLogger())
+// vm.create requests from clients over TCP; secure locks the bus down as
+// loom up does (identities and TLS), the clients connecting as the client
+// identity.
+func createRate(ctx context.Context, cfg benchConfig, dir string, secure bool) (float64, []time.Duration, error) {
+	conn, stop, access, err := startBenchPlane(ctx, cfg, dir, quietLogger(), secure)
 	if err != nil {
 		return 0, nil, err
 	}
 	defer stop()
+	cfg.access = access
 	hosts := make([]string, 64)
 	for i := range hosts {
 		hosts[i] = "bench-" + strconv.Itoa(i)
 	}
-	if err := registerBench(ctx, conn.Conn, hosts, []string{"bench"}); err != nil {
+	admin, err := plane.Join(conn.URL, "bench-register", access)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer admin.Close()
+	if err := registerBench(ctx, admin.Conn, hosts, []string{"bench"}); err != nil {
 		return 0, nil, err
 	}
 
@@ -139,9 +159,13 @@ func createRate(ctx context.Context, cfg benchConfig, dir string) (float64, []ti
 // runClients runs cfg.clients workers, each on its own TCP connection,
 // for cfg.duration.
 func runClients(ctx context.Context, cfg benchConfig, url string, work func(ctx context.Context, nc *nats.Conn, client int) error) error {
+	opts, err := cfg.access.Options()
+	if err != nil {
+		return err
+	}
 	conns := make([]*nats.Conn, cfg.clients)
 	for i := range conns {
-		nc, err := nats.Connect(url)
+		nc, err := nats.Connect(url, opts...)
 		if err != nil {
 			return err
 		}

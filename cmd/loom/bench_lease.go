@@ -143,7 +143,7 @@ func benchHolder(client int) string { return "holder-" + strconv.Itoa(client) }
 // image/bench-<client>. A pair counts if it completed within the run.
 func leaseRate(ctx context.Context, cfg benchConfig, dir string, mode events.LeaseMode, log *slog.Logger) (leaseRun, error) {
 	run := leaseRun{stale: new(atomic.Int64)}
-	conn, stop, err := startBenchPlane(ctx, cfg, dir, log)
+	conn, stop, _, err := startBenchPlane(ctx, cfg, dir, log, false)
 	if err != nil {
 		return run, err
 	}

@@ -140,7 +140,7 @@ func benchMigrate(ctx context.Context, cfg benchConfig, dir string, w io.Writer)
 		return err
 	}
 
-	conn, stopPlane, err := startBenchPlane(ctx, cfg, filepath.Join(dir, "plane"), log)
+	conn, stopPlane, _, err := startBenchPlane(ctx, cfg, filepath.Join(dir, "plane"), log, false)
 	if err != nil {
 		return err
 	}

@@ -76,21 +76,30 @@ func startBenchBus(ctx context.Context, cfg benchConfig, dir string) (*bus.Serve
 }
 
 // startBenchPlane starts a fresh embedded server with cfg's durability and
-// the control plane on it; stop stops both.
-func startBenchPlane(ctx context.Context, cfg benchConfig, dir string, log *slog.Logger) (conn *plane.Connection, stop func(), err error) {
+// the control plane on it; stop stops both. secure locks the bus down as
+// loom up does; access is then how a client gets in.
+func startBenchPlane(ctx context.Context, cfg benchConfig, dir string, log *slog.Logger, secure bool) (conn *plane.Connection, stop func(), access plane.Access, err error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, nil, err
+		return nil, nil, access, err
 	}
-	conn, err = plane.Connect(ctx, plane.NATSConfig{Listen: "127.0.0.1:0", Sync: cfg.sync, Replicas: 1}, dir, "loom-bench", log)
+	natsCfg := plane.NATSConfig{Listen: "127.0.0.1:0", Sync: cfg.sync, Replicas: 1}
+	if secure {
+		credsDir, err := plane.SecureEmbedded(&natsCfg, dir, nil, log)
+		if err != nil {
+			return nil, nil, access, err
+		}
+		access = plane.AccessIn(credsDir, string(bus.RoleClient))
+	}
+	conn, err = plane.Connect(ctx, natsCfg, dir, "loom-bench", log)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, access, err
 	}
 	planeCtx, stopPlane := context.WithCancel(ctx)
 	planeDone := make(chan error, 1)
 	go func() {
 		planeDone <- plane.RunControlPlane(planeCtx, conn, plane.ControlPlaneConfig{DataDir: dir}, log)
 	}()
-	return conn, func() { stopPlane(); <-planeDone; conn.Close() }, nil
+	return conn, func() { stopPlane(); <-planeDone; conn.Close() }, access, nil
 }
 
 // registerBench registers hosts of the largest size and raw images,

@@ -109,20 +109,27 @@ func scanSeeds(dir string) ([]bus.Identity, error) {
 	slices.Sort(paths)
 	ids := make([]bus.Identity, 0, len(paths))
 	for _, path := range paths {
-		id, err := identityOf(path)
+		id, _, err := readCreds(path)
 		if err != nil {
-			return nil, err
-		}
-		kp, err := loadSeed(path)
-		if err != nil {
-			return nil, err
-		}
-		if id.Key, err = kp.PublicKey(); err != nil {
 			return nil, err
 		}
 		ids = append(ids, id)
 	}
 	return ids, nil
+}
+
+// readCreds reads the identity a seed file holds, and its key pair.
+func readCreds(path string) (bus.Identity, nkeys.KeyPair, error) {
+	id, err := identityOf(path)
+	if err != nil {
+		return id, nil, err
+	}
+	kp, err := loadSeed(path)
+	if err != nil {
+		return id, nil, err
+	}
+	id.Key, err = kp.PublicKey()
+	return id, kp, err
 }
 
 // identityOf is the role and host a seed file's name says.
@@ -182,19 +189,11 @@ func loadSeed(path string) (nkeys.KeyPair, error) {
 // at path: its nkey, and its own inbox prefix, which its permissions
 // require.
 func CredsOptions(path string) ([]nats.Option, error) {
-	id, err := identityOf(path)
+	id, kp, err := readCreds(path)
 	if err != nil {
 		return nil, err
 	}
-	kp, err := loadSeed(path)
-	if err != nil {
-		return nil, err
-	}
-	pub, err := kp.PublicKey()
-	if err != nil {
-		return nil, err
-	}
-	return []nats.Option{nats.Nkey(pub, kp.Sign), nats.CustomInboxPrefix(bus.InboxPrefix(id.Name()))}, nil
+	return []nats.Option{nats.Nkey(id.Key, kp.Sign), nats.CustomInboxPrefix(bus.InboxPrefix(id.Name()))}, nil
 }
 
 // SecureEmbedded makes the credentials of an embedded server in dataDir
