@@ -24,7 +24,8 @@ that has none yet: admin (creates and changes streams), plane (loom serve),
 client (commands and queries), auditor (reads the event stream) and agent-HOST
 for each --host; and identities.json, their public keys and roles, which the
 embedded server of loom serve and loom up lets in and nothing else. Seeds that
-exist are kept: run it again to add hosts, then restart loom serve. Give each
+exist are kept: run it again to add hosts; a running loom serve lets them in
+within a second. Give each
 host's agent its own agent-HOST.nk (loom agent --creds), people their
 client.nk, auditors their auditor.nk; keep admin.nk and plane.nk on the
 control plane. It also makes a CA (ca.pem, which clients trust) and the

@@ -23,19 +23,19 @@ func registerNATSFlags(cmd *cobra.Command, c *plane.NATSConfig) {
 // serveIdentity chooses how loom serve authenticates: with an embedded
 // server, the credentials of its data directory (made if missing), or
 // none with --insecure; with --nats-url, the control plane's seed from
-// --creds (plane.nk in a directory).
-func serveIdentity(cfg *plane.NATSConfig, client *clientFlags, dataDir string, insecure bool, log *slog.Logger) error {
+// --creds (plane.nk in a directory). credsDir is the embedded server's
+// credentials, watched for new identities.
+func serveIdentity(cfg *plane.NATSConfig, client *clientFlags, dataDir string, insecure bool, log *slog.Logger) (credsDir string, err error) {
 	switch {
 	case insecure:
 		plane.WarnInsecure(log)
-		return nil
+		return "", nil
 	case cfg.URL == "":
-		_, err := plane.SecureEmbedded(cfg, dataDir, nil, log)
-		return err
+		return plane.SecureEmbedded(cfg, dataDir, nil, log)
 	}
 	access, err := client.accessFor(string(bus.RolePlane))
 	cfg.Creds, cfg.CA = access.Creds, access.CA
-	return err
+	return "", err
 }
 
 // sealFlags choose how the control plane seals the history.
@@ -64,7 +64,8 @@ func newServeCommand(client *clientFlags) *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			log := newLogger(verbose)
-			if err := serveIdentity(&natsCfg, client, dataDir, insecure, log); err != nil {
+			credsDir, err := serveIdentity(&natsCfg, client, dataDir, insecure, log)
+			if err != nil {
 				return err
 			}
 			conn, err := plane.Connect(cmd.Context(), natsCfg, dataDir, "loom-serve", log)
@@ -72,7 +73,7 @@ func newServeCommand(client *clientFlags) *cobra.Command {
 				return err
 			}
 			defer conn.Close()
-			return plane.RunControlPlane(cmd.Context(), conn, plane.ControlPlaneConfig{DataDir: dataDir, HTTPAddr: httpAddr,
+			return plane.RunControlPlane(cmd.Context(), conn, plane.ControlPlaneConfig{DataDir: dataDir, HTTPAddr: httpAddr, CredsDir: credsDir,
 				SealKey: seal.key, SealEvery: seal.every}, log)
 		},
 	}

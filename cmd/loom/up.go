@@ -114,7 +114,7 @@ func runUp(ctx context.Context, cfg upConfig, out io.Writer) error {
 
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
-		return plane.RunControlPlane(ctx, conn, plane.ControlPlaneConfig{DataDir: dataDir, HTTPAddr: cfg.httpAddr,
+		return plane.RunControlPlane(ctx, conn, plane.ControlPlaneConfig{DataDir: dataDir, HTTPAddr: cfg.httpAddr, CredsDir: credsDir,
 			SealKey: cfg.seal.key, SealEvery: cfg.seal.every}, log)
 	})
 	for i, socket := range sockets {

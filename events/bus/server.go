@@ -43,6 +43,28 @@ type ServerConfig struct {
 // Server is a running embedded NATS server.
 type Server struct {
 	*server.Server
+	// opts are the options it runs with: SetIdentities changes a copy.
+	opts *server.Options
+}
+
+// SetIdentities replaces the users of a server started with identities,
+// without a restart: connections of identities that remain are kept, those
+// of removed ones are closed.
+func (s *Server) SetIdentities(ids []Identity) error {
+	if len(s.opts.Nkeys) == 0 {
+		return errors.New("nats server: started without identities (auth off); restart it to turn auth on")
+	}
+	users, err := nkeyUsers(ids)
+	if err != nil {
+		return err
+	}
+	next := s.opts.Clone()
+	next.Nkeys = users
+	if err := s.ReloadOptions(next); err != nil {
+		return fmt.Errorf("nats server: reload identities: %w", err)
+	}
+	s.opts = next
+	return nil
 }
 
 // StartServer starts an embedded NATS server with JetStream and file
@@ -99,7 +121,7 @@ func StartServer(ctx context.Context, cfg ServerConfig) (*Server, error) {
 			return nil, fmt.Errorf("nats server on %s:%d not ready in 15s (port in use?)", opts.Host, opts.Port)
 		}
 	}
-	return &Server{ns}, nil
+	return &Server{Server: ns, opts: opts}, nil
 }
 
 // Stop shuts the server down and waits until it has.

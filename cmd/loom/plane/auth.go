@@ -1,6 +1,8 @@
 package plane
 
 import (
+	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -10,6 +12,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nkeys"
@@ -238,4 +241,40 @@ func AccessIn(dir, name string) Access {
 		a.CA = CAFile(dir)
 	}
 	return a
+}
+
+// identitiesEvery is how often WatchIdentities looks at identities.json.
+const identitiesEvery = time.Second
+
+// WatchIdentities gives srv the identities of dir's identities.json each
+// time it changes, until ctx ends: `loom init --host NAME` lets a new
+// host's agent in without a restart. A file that does not load is logged
+// and the identities in force stay.
+func WatchIdentities(ctx context.Context, dir string, srv *bus.Server, log *slog.Logger) error {
+	path := filepath.Join(dir, identitiesFile)
+	read := func() []byte { data, _ := os.ReadFile(path); return data }
+	last := read()
+	tick := time.NewTicker(identitiesEvery)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+		data := read()
+		if bytes.Equal(data, last) {
+			continue
+		}
+		last = data
+		ids, err := LoadIdentities(dir)
+		if err == nil {
+			err = srv.SetIdentities(ids)
+		}
+		if err != nil {
+			log.Error("identities changed but were not taken; the ones in force stay", "file", path, "err", err)
+			continue
+		}
+		log.Info("identities reloaded", "file", path, "identities", len(ids))
+	}
 }

@@ -2,16 +2,20 @@ package plane
 
 import (
 	"bufio"
+	"context"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nats.go"
 
 	"github.com/loomctl/loom/events/bus"
+	"github.com/loomctl/loom/internal/eventually"
 )
 
 func TestInitCreds_MakesOnceKeepsSeedsAndListsThem(t *testing.T) {
@@ -139,5 +143,55 @@ func TestTLS_RequiredOfEveryNetworkConnection(t *testing.T) {
 	if nc, err := nats.Connect(srv.ClientURL(), nats.RootCAs(CAFile(other))); err == nil {
 		nc.Close()
 		t.Error("a client trusting another CA got in")
+	}
+}
+
+// TestWatchIdentities_LetsANewHostInWithoutARestart adds a host's identity
+// with InitCreds while the server runs: its agent gets in once the watcher
+// has reloaded, and the identities connected before stay connected.
+func TestWatchIdentities_LetsANewHostInWithoutARestart(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "creds")
+	if _, err := InitCreds(dir, []string{"h1"}); err != nil {
+		t.Fatal(err)
+	}
+	ids, err := LoadIdentities(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := bus.StartServer(t.Context(), bus.ServerConfig{DataDir: t.TempDir(), Port: -1, Identities: ids})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Stop)
+	connect := func(name string) (*nats.Conn, error) {
+		opts, err := CredsOptions(CredsFile(dir, name))
+		if err != nil {
+			return nil, err
+		}
+		return nats.Connect(srv.ClientURL(), opts...)
+	}
+	before, err := connect("agent-h1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer before.Close()
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- WatchIdentities(ctx, dir, srv, slog.New(slog.DiscardHandler)) }()
+	defer func() { cancel(); <-done }()
+
+	if _, err := InitCreds(dir, []string{"h1", "h2"}); err != nil {
+		t.Fatal(err)
+	}
+	eventually.WaitFor(t, 10*time.Second, "agent-h2 let in", func() error {
+		nc, err := connect("agent-h2")
+		if err != nil {
+			return err
+		}
+		nc.Close()
+		return nil
+	})
+	if !before.IsConnected() {
+		t.Error("agent-h1 was disconnected by the reload")
 	}
 }

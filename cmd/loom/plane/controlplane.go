@@ -42,6 +42,9 @@ type ControlPlaneConfig struct {
 	// SealEvery is how often the history is sealed; zero means
 	// handlers.DefaultSealEvery.
 	SealEvery time.Duration
+	// CredsDir, with an embedded server, is where its identities.json is
+	// watched: a change takes effect without a restart.
+	CredsDir string
 }
 
 // RunControlPlane runs every part of `loom serve` until ctx ends.
@@ -104,6 +107,9 @@ func RunControlPlane(ctx context.Context, conn *Connection, cfg ControlPlaneConf
 	g.Go(func() error { return commands.RunScheduler(ctx) })
 	g.Go(func() error { return commands.RunDetector(ctx) })
 	g.Go(func() error { return sealer.Run(ctx) })
+	if conn.Server != nil && cfg.CredsDir != "" {
+		g.Go(func() error { return WatchIdentities(ctx, cfg.CredsDir, conn.Server, log) })
+	}
 	if httpAddr != "" {
 		mux := metricsMux(registry)
 		mux.Handle("/readyz", readyHandler(conn, store))
