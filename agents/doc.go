@@ -47,6 +47,10 @@
 //     as a conflict: logged loudly, the subject re-read, the VM retried.
 //     Progress is reported at most once a second, only while waiting for a
 //     guest to power off; the observation after it is always published.
+//     With Config.HostKey every observation is signed (Loom-Sig and
+//     Loom-Sig-Key headers) over its subject, the sequence of the
+//     subject's last message and its stored bytes (events/hostkey), so the
+//     read models take it as the host's only at that place in the chain.
 //  6. Drift. A domain that changes by itself (libvirt lifecycle events, a
 //     periodic resync, or the first look after start) is reported with
 //     Unrequested set, then put back to its goal, with backoff if it keeps
