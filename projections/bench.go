@@ -42,7 +42,7 @@ func publishHistory(ctx context.Context, js jetstream.JetStream, h *history, n i
 		futures = futures[:0]
 		for ; published < n && len(futures) < publishWindow; published++ {
 			m := h.next()
-			msg := &nats.Msg{Subject: m.subject, Data: m.data, Header: nats.Header{}}
+			msg := &nats.Msg{Subject: m.subject, Data: m.data, Header: cloneHeader(m.header)}
 			if m.typ != "" {
 				msg.Header.Set(events.HeaderType, string(m.typ))
 				msg.Header.Set(events.HeaderVersion, fmt.Sprint(m.version))

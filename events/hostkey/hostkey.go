@@ -109,6 +109,21 @@ func Generate() (*Key, error) {
 	return FromSeed(seed)
 }
 
+// Derive makes the key of a 32-byte ed25519 seed: the same seed, the same
+// key. For generated histories and benchmarks; a host's key comes from
+// Generate.
+func Derive(seed [ed25519.SeedSize]byte) (*Key, error) {
+	kp, err := nkeys.FromRawSeed(nkeys.PrefixByteUser, seed[:])
+	if err != nil {
+		return nil, err
+	}
+	encoded, err := kp.Seed()
+	if err != nil {
+		return nil, err
+	}
+	return FromSeed(encoded)
+}
+
 // FromSeed reads a key from an nkey user seed, alone or inside a NATS
 // credentials file.
 func FromSeed(data []byte) (*Key, error) {
