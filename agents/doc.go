@@ -23,7 +23,9 @@
 //  2. What it said before. The agent reads the last message on each of its
 //     VM subjects (the incarnation and state last reported, and the
 //     subject's head) and folds its host subject into the orphans reported
-//     and not cleared.
+//     and not cleared. With a host key, only messages signed by it count
+//     as said: anything else on its subjects is chained after, never
+//     believed (sign.go).
 //  3. Goals. An ordered consumer delivers the last goal of each of the
 //     host's goal subjects, then every new one. The start-up snapshot is
 //     complete when nothing is pending. A goal is taken only if its

@@ -29,6 +29,11 @@ func (a *Agent) loadObservations(ctx context.Context) error {
 		name := m.Subject[strings.LastIndexByte(m.Subject, '.')+1:]
 		v := a.vmLocked(name)
 		v.head = events.Head{Seq: m.Seq, Hash: events.Hash(m.Data)}
+		if !a.mine(m, 0, false) {
+			a.log.Error("the last message on this host's subject is not signed by its key; it is not taken as this agent's report",
+				logSubject, m.Subject, logSeq, m.Seq)
+			continue
+		}
 		v.reported = reportOf(m)
 		v.migrationReported = migrationOf(m)
 		if v.reported.State == "" {

@@ -30,7 +30,12 @@ func (a *Agent) loadOrphans(ctx context.Context) error {
 	orphans := map[string]events.HostOrphanFound{}
 	var head events.Head
 	for _, m := range msgs {
+		prev := head.Seq
 		head = events.Head{Seq: m.Seq, Hash: events.Hash(m.Data)}
+		if !a.mine(m, prev, true) {
+			a.log.Warn("host observation not signed by this host's key skipped", logSubject, subject, logSeq, m.Seq)
+			continue
+		}
 		rec, err := events.DecodeRecord(m.Seq, m.Subject, m.Time, m.Data)
 		if err != nil {
 			a.log.Warn("unreadable host observation skipped", logSubject, subject, logSeq, m.Seq, logErr, err)

@@ -134,7 +134,9 @@ func (a *Agent) rereadVM(ctx context.Context, name, subject string, cause error)
 	v.head, v.reported = events.Head{}, events.VMObserved{}
 	if err == nil {
 		v.head = events.Head{Seq: m.Seq, Hash: events.Hash(m.Data)}
-		v.reported = reportOf(m)
+		if a.mine(m, 0, false) {
+			v.reported = reportOf(m)
+		}
 	}
 	a.mu.Unlock()
 	return fmt.Errorf("report vm %s: %w", name, errConflict)

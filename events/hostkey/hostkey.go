@@ -163,6 +163,22 @@ func (k *Key) Sign(subject string, prevSeq uint64, digest []byte) string {
 	return encoding.EncodeToString(sig)
 }
 
+// Signed tells whether value, a header value, is this key's signature of
+// an observation appended to subject after the message at prevSeq, whose
+// stored bytes hash to digest. An agent uses it to tell its own reports
+// from what someone else put on its subjects.
+func (k *Key) Signed(subject string, prevSeq uint64, digest []byte, value string) bool {
+	var sig [SignatureSize]byte
+	if len(value) != EncodedSize {
+		return false
+	}
+	if n, err := encoding.Decode(sig[:], []byte(value)); err != nil || n != SignatureSize {
+		return false
+	}
+	var buf [128]byte
+	return ed25519.Verify(k.private.Public().(ed25519.PublicKey), Message(buf[:0], subject, prevSeq, digest), sig[:])
+}
+
 // ParsePublic reads a public key, "U…".
 func ParsePublic(public string) (ed25519.PublicKey, error) {
 	raw, err := nkeys.Decode(nkeys.PrefixByteUser, []byte(public))

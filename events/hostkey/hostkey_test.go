@@ -74,6 +74,9 @@ func TestSign_BindsSubjectPlaceBytesAndKey(t *testing.T) {
 			}
 		})
 	}
+	if !key.Signed(subject, 41, digest, header) || key.Signed(subject, 42, digest, header) || other.Signed(subject, 41, digest, header) {
+		t.Fatal("Key.Signed does not tell the key's own signature at its place from the rest")
+	}
 	for _, bad := range []string{"", "short", header[:EncodedSize-1] + "*", header + "A"} {
 		if v.Decode(&sig, bad) {
 			t.Errorf("Decode(%q) succeeded", bad)
