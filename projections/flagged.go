@@ -12,8 +12,9 @@ import (
 // The flagged table: messages of LOOM_EVENTS the read models could not
 // apply (corrupt bytes, an unknown type or version, an event on a subject
 // it does not belong to, a stale observation, an observation of a host
-// registered with a key that is unsigned, forged or replayed). The runner records each, skips it and goes on,
-// so one bad message never stalls the read models.
+// registered with a key that is unsigned, forged or replayed). The runner
+// records each, skips it and goes on, so one bad message never stalls the
+// read models.
 
 // Flagged is a message the read models skipped, and why.
 type Flagged struct {

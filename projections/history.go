@@ -25,13 +25,27 @@ type historyConfig struct {
 	// anomalies mixes in what the read models must ignore or flag:
 	// reports from the wrong host, of another incarnation or an older
 	// goal, misplaced events, corrupt bytes, unknown types and versions;
-	// with signed, also unsigned, forged and replayed observations.
+	// with keys, also unsigned, forged and replayed observations.
 	anomalies bool
-	// signed registers every other host with a key, gives some of the
-	// others one later, and has their agents sign what they report; the
-	// rest stay in the legacy mode.
-	signed bool
+	// keys says which hosts are registered with a key, whose agents then
+	// sign what they report.
+	keys keyMode
 }
+
+// keyMode says which hosts of a generated history have keys.
+type keyMode int
+
+const (
+	// keysNone: every host in the legacy mode, its reports unsigned.
+	keysNone keyMode = iota
+	// keysAll: every host registered with a key. The keys come from a
+	// randomness of their own, so a history with keys has the shape of
+	// the same seed's history without.
+	keysAll
+	// keysMixed: every other host registered with a key, some of the
+	// others given one later, the rest in the legacy mode.
+	keysMixed
+)
 
 // benchFleet is the fleet of the rebuild benchmark.
 var benchFleet = historyConfig{hosts: 100, images: 8, liveVMs: 5000}
@@ -44,6 +58,8 @@ var benchFleet = historyConfig{hosts: 100, images: 8, liveVMs: 5000}
 type history struct {
 	cfg historyConfig
 	rng *rand.Rand
+	// keyRng makes the hosts' keys.
+	keyRng *rand.Rand
 	// seq is the stream sequence the next message gets.
 	seq uint64
 	// commands counts the commands issued, for command ids.
@@ -119,7 +135,7 @@ type message struct {
 }
 
 func newHistory(cfg historyConfig, seed uint64, firstSeq uint64) *history {
-	return &history{cfg: cfg, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), seq: firstSeq,
+	return &history{cfg: cfg, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), keyRng: rand.New(rand.NewPCG(seed, 0x6b6579)), seq: firstSeq,
 		prev: map[string][]byte{}, live: map[string]*genVM{}, at: map[string]int{},
 		leases: map[events.Resource]*genLease{}, last: map[string]uint64{}, sent: map[string][]message{},
 		forged: map[uint64]events.Code{}}
@@ -170,7 +186,7 @@ func (h *history) act() {
 	case n < 79:
 		h.cordon()
 	case n < 80:
-		if h.cfg.signed && h.rng.IntN(4) == 0 {
+		if h.cfg.keys == keysMixed && h.rng.IntN(4) == 0 {
 			h.giveKey()
 			return
 		}
@@ -240,7 +256,7 @@ func (h *history) command() string {
 func (h *history) registerHost() {
 	host := &genHost{name: fmt.Sprintf("host-%03d", len(h.hosts)), cpu: 64, mem: 256 << 10, used: map[string]int{}}
 	h.hosts = append(h.hosts, host)
-	if h.cfg.signed && len(h.hosts)%2 == 1 {
+	if h.cfg.keys == keysAll || (h.cfg.keys == keysMixed && len(h.hosts)%2 == 1) {
 		host.key = h.newKey()
 	}
 	h.emit(events.EventSubject(events.KindHost, host.name), host.registration(len(h.hosts)), h.command(), 0)
@@ -268,11 +284,11 @@ func (h *history) giveKey() {
 	h.emit(events.EventSubject(events.KindHost, host.name), host.registration(i+1), h.command(), 0)
 }
 
-// newKey is a host key made from the history's randomness.
+// newKey is a host key made from the history's randomness for keys.
 func (h *history) newKey() *hostkey.Key {
 	var seed [32]byte
 	for i := range seed {
-		seed[i] = byte(h.rng.IntN(256))
+		seed[i] = byte(h.keyRng.IntN(256))
 	}
 	key, err := hostkey.Derive(seed)
 	if err != nil {
@@ -463,7 +479,7 @@ func (h *history) anomaly() {
 	case 4: // a decision on an observation subject
 		h.emit(events.ObservationSubject(host.name, events.KindVM, "vm-forged"), events.VMCreated{UID: "forged", Desired: events.DesiredRunning}, "", 0)
 	case 5, 6, 7:
-		if h.cfg.signed && vm != nil {
+		if h.cfg.keys != keysNone && vm != nil {
 			h.forge(vm)
 		}
 	}

@@ -20,7 +20,7 @@ var seedFlag = flag.Uint64("seed", 0, "run the rebuild tests with this seed only
 
 // testFleet is small enough that names, hosts and incarnations collide
 // often, with every anomaly mixed in.
-var testFleet = historyConfig{hosts: 4, images: 2, liveVMs: 40, anomalies: true, signed: true}
+var testFleet = historyConfig{hosts: 4, images: 2, liveVMs: 40, anomalies: true, keys: keysMixed}
 
 // seeds are the seeds a rebuild test runs: a few fixed ones and one new
 // one per run, or only -seed.

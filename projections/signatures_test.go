@@ -324,3 +324,23 @@ func TestSignatures_AheadCheckChangesNothing(t *testing.T) {
 		t.Fatalf("checked ahead and not: %v", d)
 	}
 }
+
+// TestHistory_KeysKeepItsShape: the benchmark's signed history is the
+// unsigned one with keys and signatures, message for message, so that
+// their rates compare.
+func TestHistory_KeysKeepItsShape(t *testing.T) {
+	unsigned, signed := newHistory(benchFleet, 7, 1), newHistory(historyConfig{hosts: benchFleet.hosts, images: benchFleet.images, liveVMs: benchFleet.liveVMs, keys: keysAll}, 7, 1)
+	withSig := 0
+	for i := range 5000 {
+		u, s := unsigned.next(), signed.next()
+		if u.subject != s.subject || u.typ != s.typ {
+			t.Fatalf("message %d: %s %s unsigned, %s %s signed", i, u.subject, u.typ, s.subject, s.typ)
+		}
+		if s.header.Get(events.HeaderSig) != "" {
+			withSig++
+		}
+	}
+	if withSig == 0 {
+		t.Fatal("no message of the signed history is signed")
+	}
+}

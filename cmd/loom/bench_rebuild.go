@@ -7,8 +7,9 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/loomctl/loom/projections"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/loomctl/loom/projections"
 )
 
 // benchRebuild fills LOOM_EVENTS with cfg.events events of a generated
@@ -22,7 +23,7 @@ func benchRebuild(ctx context.Context, cfg benchConfig, dir string, w io.Writer)
 	}
 	defer stop()
 	start := time.Now()
-	if _, err := projections.PublishHistory(ctx, js, cfg.events, 1); err != nil {
+	if _, err := projections.PublishHistory(ctx, js, cfg.events, 1, false); err != nil {
 		return fmt.Errorf("fill the stream: %w", err)
 	}
 	fmt.Fprintf(w, "  filled %d events in %s (fsync every minute)\n", cfg.events, time.Since(start).Round(time.Millisecond))
