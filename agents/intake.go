@@ -30,7 +30,7 @@ func (a *Agent) loadObservations(ctx context.Context) error {
 		v := a.vmLocked(name)
 		v.head = events.Head{Seq: m.Seq, Hash: events.Hash(m.Data)}
 		if !a.mine(m, 0, false) {
-			a.log.Error("the last message on this host's subject is not signed by its key; it is not taken as this agent's report",
+			a.log.Warn("last message not signed by this host's key (stored before the key, or by someone else); the next report will be published",
 				logSubject, m.Subject, logSeq, m.Seq)
 			continue
 		}

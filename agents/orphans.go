@@ -29,11 +29,12 @@ func (a *Agent) loadOrphans(ctx context.Context) error {
 	}
 	orphans := map[string]events.HostOrphanFound{}
 	var head events.Head
+	notMine := 0
 	for _, m := range msgs {
 		prev := head.Seq
 		head = events.Head{Seq: m.Seq, Hash: events.Hash(m.Data)}
 		if !a.mine(m, prev, true) {
-			a.log.Warn("host observation not signed by this host's key skipped", logSubject, subject, logSeq, m.Seq)
+			notMine++
 			continue
 		}
 		rec, err := events.DecodeRecord(m.Seq, m.Subject, m.Time, m.Data)
@@ -47,6 +48,10 @@ func (a *Agent) loadOrphans(ctx context.Context) error {
 		case events.HostOrphanCleared:
 			delete(orphans, ev.Domain)
 		}
+	}
+	if notMine > 0 {
+		a.log.Warn("host observations not signed by this host's key (stored before the key, or by someone else) skipped",
+			logSubject, subject, logSkipped, notMine)
 	}
 	a.mu.Lock()
 	a.orphans, a.hostHead = orphans, head
