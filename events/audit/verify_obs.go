@@ -26,9 +26,10 @@ import (
 // observationPrefix starts every observation subject.
 const observationPrefix = "loom.obs."
 
-// learnKey records the key of a host.registered event that carries one.
+// learnKey records the key of a host.registered event that carries one,
+// on its host's own subject (the read models flag one elsewhere).
 func (v *Verifier) learnKey(m *Message, env *events.Envelope) {
-	if env.Type != events.TypeHostRegistered || env.Kind != events.KindHost {
+	if env.Type != events.TypeHostRegistered || env.Kind != events.KindHost || m.Subject[len(hostSubjectPrefix):] != env.AggregateID {
 		return
 	}
 	ev, err := events.DecodePayload(env.Type, env.Version, env.Payload)
