@@ -62,6 +62,10 @@ type AgentConfig struct {
 // RunAgent runs a host agent until ctx ends. It dials libvirtd again
 // whenever the connection is lost.
 func RunAgent(ctx context.Context, conn *Connection, cfg AgentConfig, log *slog.Logger) error {
+	key, err := loadHostKey(cfg, log)
+	if err != nil {
+		return err
+	}
 	lv := libvirt.Config{Socket: cfg.Socket, URI: cfg.URI}
 	if cfg.Simulated {
 		held, err := libvirt.Dial(ctx, lv)
@@ -76,10 +80,6 @@ func RunAgent(ctx context.Context, conn *Connection, cfg AgentConfig, log *slog.
 		if err := clearTestDomain(ctx, held); err != nil {
 			return fmt.Errorf("agent %s: %w", cfg.Host, err)
 		}
-	}
-	key, err := loadHostKey(cfg, log)
-	if err != nil {
-		return err
 	}
 	agent, err := agents.New(agents.Config{
 		Host: cfg.Host, HostKey: key, Conn: conn.Conn, JS: conn.JS,
