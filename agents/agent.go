@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/hostkey"
 )
 
 // Defaults applied to zero Config fields.
@@ -48,6 +49,12 @@ const (
 type Config struct {
 	// Host is the name of the host this agent owns.
 	Host string
+	// HostKey, if set, signs every observation the agent appends (see
+	// events/hostkey); its public half is what the host is registered
+	// with. Nil signs nothing: the legacy mode, in which the read models
+	// take the host's observations from anyone who may publish them, and
+	// flag them all once the host is registered with a key.
+	HostKey *hostkey.Key
 	// Conn is the NATS connection; reads that must not be stale go through it.
 	Conn *nats.Conn
 	// JS is JetStream on Conn.

@@ -23,7 +23,9 @@
 //  2. What it said before. The agent reads the last message on each of its
 //     VM subjects (the incarnation and state last reported, and the
 //     subject's head) and folds its host subject into the orphans reported
-//     and not cleared.
+//     and not cleared. With a host key, only messages signed by it count
+//     as said: anything else on its subjects is chained after, never
+//     believed (sign.go).
 //  3. Goals. An ordered consumer delivers the last goal of each of the
 //     host's goal subjects, then every new one. The start-up snapshot is
 //     complete when nothing is pending. A goal is taken only if its
@@ -47,6 +49,10 @@
 //     as a conflict: logged loudly, the subject re-read, the VM retried.
 //     Progress is reported at most once a second, only while waiting for a
 //     guest to power off; the observation after it is always published.
+//     With Config.HostKey every observation is signed (Loom-Sig and
+//     Loom-Sig-Key headers) over its subject, the sequence of the
+//     subject's last message and its stored bytes (events/hostkey), so the
+//     read models take it as the host's only at that place in the chain.
 //  6. Drift. A domain that changes by itself (libvirt lifecycle events, a
 //     periodic resync, or the first look after start) is reported with
 //     Unrequested set, then put back to its goal, with backoff if it keeps

@@ -29,6 +29,11 @@ func (a *Agent) loadObservations(ctx context.Context) error {
 		name := m.Subject[strings.LastIndexByte(m.Subject, '.')+1:]
 		v := a.vmLocked(name)
 		v.head = events.Head{Seq: m.Seq, Hash: events.Hash(m.Data)}
+		if !a.mine(m, 0, false) {
+			a.log.Warn("last message not signed by this host's key (stored before the key, or by someone else); the next report will be published",
+				logSubject, m.Subject, logSeq, m.Seq)
+			continue
+		}
 		v.reported = reportOf(m)
 		v.migrationReported = migrationOf(m)
 		if v.reported.State == "" {

@@ -29,8 +29,14 @@ func (a *Agent) loadOrphans(ctx context.Context) error {
 	}
 	orphans := map[string]events.HostOrphanFound{}
 	var head events.Head
+	notMine := 0
 	for _, m := range msgs {
+		prev := head.Seq
 		head = events.Head{Seq: m.Seq, Hash: events.Hash(m.Data)}
+		if !a.mine(m, prev, true) {
+			notMine++
+			continue
+		}
 		rec, err := events.DecodeRecord(m.Seq, m.Subject, m.Time, m.Data)
 		if err != nil {
 			a.log.Warn("unreadable host observation skipped", logSubject, subject, logSeq, m.Seq, logErr, err)
@@ -42,6 +48,10 @@ func (a *Agent) loadOrphans(ctx context.Context) error {
 		case events.HostOrphanCleared:
 			delete(orphans, ev.Domain)
 		}
+	}
+	if notMine > 0 {
+		a.log.Warn("host observations not signed by this host's key (stored before the key, or by someone else) skipped",
+			logSubject, subject, logSkipped, notMine)
 	}
 	a.mu.Lock()
 	a.orphans, a.hostHead = orphans, head

@@ -134,15 +134,18 @@ func (a *Agent) rereadVM(ctx context.Context, name, subject string, cause error)
 	v.head, v.reported = events.Head{}, events.VMObserved{}
 	if err == nil {
 		v.head = events.Head{Seq: m.Seq, Hash: events.Hash(m.Data)}
-		v.reported = reportOf(m)
+		if a.mine(m, 0, false) {
+			v.reported = reportOf(m)
+		}
 	}
 	a.mu.Unlock()
 	return fmt.Errorf("report vm %s: %w", name, errConflict)
 }
 
-// appendChained seals ev for aggregate (kind, id), chained to head, and
-// appends it on subject expecting head.Seq. A failed publish is retried
-// with the same bytes and message id, so an append whose ack was lost is
+// appendChained seals ev for aggregate (kind, id), chained to head, signs
+// it with the host key if there is one, and appends it on subject
+// expecting head.Seq. A failed publish is retried with the same bytes,
+// signature and message id, so an append whose ack was lost is
 // deduplicated rather than stored twice. It returns the subject's new head.
 func (a *Agent) appendChained(ctx context.Context, subject string, kind events.Kind, id string, ev events.Event, head events.Head) (events.Head, error) {
 	env, data, err := events.Seal(ev, kind, id, events.Origin{Actor: a.actor, Time: a.cfg.Now()}, 0, head.Hash)
@@ -150,10 +153,16 @@ func (a *Agent) appendChained(ctx context.Context, subject string, kind events.K
 		return head, err
 	}
 	msgID := a.id + ":" + subject + "@" + strconv.FormatUint(head.Seq, 10)
+	msg := bus.EventMsg(subject, &env, data, msgID)
+	hash := events.Hash(data)
+	if key := a.cfg.HostKey; key != nil {
+		msg.Header.Set(events.HeaderSigKey, key.Public())
+		msg.Header.Set(events.HeaderSig, key.Sign(subject, head.Seq, hash))
+	}
 	for attempt := 1; ; attempt++ {
-		ack, err := bus.Append(ctx, a.cfg.JS, subject, &env, data, head.Seq, msgID)
+		ack, err := bus.AppendMsg(ctx, a.cfg.JS, msg, &env, bus.Expect{Seq: head.Seq})
 		if err == nil {
-			return events.Head{Seq: ack.Seq, Hash: events.Hash(data)}, nil
+			return events.Head{Seq: ack.Seq, Hash: hash}, nil
 		}
 		if errors.Is(err, bus.ErrWrongLastSeq) || ctx.Err() != nil || attempt == appendAttempts {
 			return head, err

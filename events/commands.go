@@ -1,6 +1,10 @@
 package events
 
-import "fmt"
+import (
+	"fmt"
+
+	"github.com/loomctl/loom/events/hostkey"
+)
 
 // Command verbs, served on loom.cmd.<kind>.<verb>.
 const (
@@ -48,6 +52,12 @@ type RegisterHost struct {
 	MemoryMiB   int               `msgpack:"mem_mib" json:"mem_mib"`
 	Address     string            `msgpack:"addr,omitempty" json:"addr,omitempty"`
 	Labels      map[string]string `msgpack:"labels,omitempty" json:"labels,omitempty"`
+	// Key, if set, is the public half of the host's key, "U…": its agent
+	// signs every observation with the key, and observations of the host
+	// that are not signed by it are flagged and skipped. A host registered
+	// without one may be given one by registering again; a key, once
+	// registered, cannot be changed or removed that way.
+	Key string `msgpack:"key,omitempty" json:"key,omitempty"`
 }
 
 // CordonHost stops new placements on a host; UncordonHost allows them again.
@@ -109,6 +119,11 @@ func (c *RegisterHost) Validate() error {
 	}
 	if c.MemoryMiB < 1 || c.MemoryMiB > MaxMemoryMiB {
 		return fmt.Errorf("mem_mib %d out of range 1..%d", c.MemoryMiB, MaxMemoryMiB)
+	}
+	if c.Key != "" {
+		if _, err := hostkey.ParsePublic(c.Key); err != nil {
+			return err
+		}
 	}
 	return c.CommandMeta.Validate()
 }

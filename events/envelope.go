@@ -16,6 +16,17 @@ const (
 	HeaderVersion = "Loom-Version" // the payload schema version, decimal
 )
 
+// Header names an agent sets on every observation it signs with its host
+// key: the signature of the observation's subject, its place in the
+// subject and its stored bytes (events/hostkey says what is signed and why
+// in a header), and the public key that made it. A host registered with a
+// key must sign; the read models and `loom audit verify` check the
+// signature with the registered key, never with the one in the header.
+const (
+	HeaderSig    = "Loom-Sig"     // the signature, unpadded URL-safe base64
+	HeaderSigKey = "Loom-Sig-Key" // the signer's public nkey, "U…"
+)
+
 // HashSize is the size of a PrevHash: SHA-256.
 const HashSize = sha256.Size
 

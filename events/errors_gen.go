@@ -102,6 +102,12 @@ const (
 	CodeUnknownKey Code = 10005
 	// The history is not the one the pin file recorded: its first seal differs, it ends before the last seal pinned (a cut tail, or an older copy restored), or its root at the pinned seal differs.
 	CodePinMismatch Code = 10006
+	// An observation on the subjects of a host registered with a key carries no signature (headers Loom-Sig and Loom-Sig-Key): its agent runs without --host-key, or someone else published it. The read models flag it and skip it.
+	CodeUnsignedObservation Code = 10007
+	// An observation's signature does not verify with the key its host is registered with, at the place in its subject where it was stored: it was signed by another key (another host's), changed after signing, or signed for another place (an old one published again). The read models flag it and skip it.
+	CodeForgedObservation Code = 10008
+	// A signed observation does not follow its subject's last message (its PrevHash names another), and its signature is not for this place: an old observation published again, or one put out of its place. The read models flag it and skip it.
+	CodeReplayedObservation Code = 10009
 )
 
 // catalog maps each code to its name and description.
@@ -155,4 +161,7 @@ var catalog = map[Code]codeInfo{
 	CodeBadSignature:           {"bad_signature", "A seal's signature does not verify with the public key given for its key id: the wrong key was given, or the seal was forged."},
 	CodeUnknownKey:             {"unknown_key", "A seal names a key whose public key was not given (`--key`), or that the pin file does not trust."},
 	CodePinMismatch:            {"pin_mismatch", "The history is not the one the pin file recorded: its first seal differs, it ends before the last seal pinned (a cut tail, or an older copy restored), or its root at the pinned seal differs."},
+	CodeUnsignedObservation:    {"unsigned_observation", "An observation on the subjects of a host registered with a key carries no signature (headers Loom-Sig and Loom-Sig-Key): its agent runs without --host-key, or someone else published it. The read models flag it and skip it."},
+	CodeForgedObservation:      {"forged_observation", "An observation's signature does not verify with the key its host is registered with, at the place in its subject where it was stored: it was signed by another key (another host's), changed after signing, or signed for another place (an old one published again). The read models flag it and skip it."},
+	CodeReplayedObservation:    {"replayed_observation", "A signed observation does not follow its subject's last message (its PrevHash names another), and its signature is not for this place: an old observation published again, or one put out of its place. The read models flag it and skip it."},
 }

@@ -159,3 +159,36 @@ func TestHostState_Capacity(t *testing.T) {
 		t.Fatal("a VM event applied to a host")
 	}
 }
+
+// TestHostState_KeyStays: a host's key comes with its registration, and a
+// later registration without one does not take it away (the handler
+// refuses that; a history that holds one anyway never downgrades the host
+// to unsigned observations).
+func TestHostState_KeyStays(t *testing.T) {
+	h := &history{t: t}
+	host := EventSubject(KindHost, "h1")
+	const key = "UASL4UOHD2OV7V2KTWIQX77KOAW6LDA2Z6WWLZ5COCF72WJIBWUNKPLF"
+	var s HostState
+	for _, ev := range []HostRegistered{{CPU: 4, MemoryMiB: 1024}, {CPU: 4, MemoryMiB: 1024, Key: key}, {CPU: 4, MemoryMiB: 1024}} {
+		if err := s.Apply(h.add(host, ev, "c")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if s.Key != key {
+		t.Fatalf("key %q, want %s", s.Key, key)
+	}
+}
+
+func TestRegisterHost_ValidatesKey(t *testing.T) {
+	cmd := RegisterHost{Name: "h1", CPU: 1, MemoryMiB: 1, Key: "UASL4UOHD2OV7V2KTWIQX77KOAW6LDA2Z6WWLZ5COCF72WJIBWUNKPLF"}
+	if err := cmd.Validate(); err != nil {
+		t.Fatalf("a valid key: %v", err)
+	}
+	for _, bad := range []string{"U123", "UASL4UOHD2OV7V2KTWIQX77KOAW6LDA2Z6WWLZ5COCF72WJIBWUNKPLG",
+		"AASL4UOHD2OV7V2KTWIQX77KOAW6LDA2Z6WWLZ5COCF72WJIBWUNKPLF"} {
+		cmd.Key = bad
+		if err := cmd.Validate(); err == nil {
+			t.Errorf("key %q accepted", bad)
+		}
+	}
+}

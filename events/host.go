@@ -16,12 +16,19 @@ const (
 	TypeHostRejoined   Type = "host.rejoined"
 )
 
-// HostRegistered records a host joining the fleet with its capacity.
+// HostRegistered records a host joining the fleet with its capacity (v1),
+// and the public half of its host key (v2).
 type HostRegistered struct {
 	CPU       int               `msgpack:"cpu" json:"cpu"`
 	MemoryMiB int               `msgpack:"mem_mib" json:"mem_mib"`
 	Address   string            `msgpack:"addr,omitempty" json:"addr,omitempty"`
 	Labels    map[string]string `msgpack:"labels,omitempty" json:"labels,omitempty"`
+	// Key, if set, is the host's public key, "U…" (events/hostkey): from
+	// this event on, every observation on the host's loom.obs subjects
+	// must be signed with it, or the read models flag it and skip it. A
+	// host without one is in the legacy, insecure mode: its observations
+	// are taken unsigned, from anyone who may publish on its subjects.
+	Key string `msgpack:"key,omitempty" json:"key,omitempty"`
 }
 
 // HostCordoned records that no new VM may be placed on the host.
@@ -89,14 +96,17 @@ type Allocation struct {
 
 // HostState is a host aggregate folded from its events.
 type HostState struct {
-	Name         string            `msgpack:"name" json:"name"`
-	Registered   bool              `msgpack:"registered" json:"registered"`
-	CPU          int               `msgpack:"cpu" json:"cpu"`
-	MemoryMiB    int               `msgpack:"mem_mib" json:"mem_mib"`
-	Address      string            `msgpack:"addr,omitempty" json:"addr,omitempty"`
-	Labels       map[string]string `msgpack:"labels,omitempty" json:"labels,omitempty"`
-	Cordoned     bool              `msgpack:"cordoned,omitempty" json:"cordoned,omitempty"`
-	CordonReason string            `msgpack:"cordon_reason,omitempty" json:"cordon_reason,omitempty"`
+	Name       string            `msgpack:"name" json:"name"`
+	Registered bool              `msgpack:"registered" json:"registered"`
+	CPU        int               `msgpack:"cpu" json:"cpu"`
+	MemoryMiB  int               `msgpack:"mem_mib" json:"mem_mib"`
+	Address    string            `msgpack:"addr,omitempty" json:"addr,omitempty"`
+	Labels     map[string]string `msgpack:"labels,omitempty" json:"labels,omitempty"`
+	// Key is the host's public key, "U…", as registered; empty for a host
+	// in the legacy mode, whose observations are not signed.
+	Key          string `msgpack:"key,omitempty" json:"key,omitempty"`
+	Cordoned     bool   `msgpack:"cordoned,omitempty" json:"cordoned,omitempty"`
+	CordonReason string `msgpack:"cordon_reason,omitempty" json:"cordon_reason,omitempty"`
 	// Allocations by VM name.
 	Allocations map[string]Allocation `msgpack:"allocs,omitempty" json:"allocations,omitempty"`
 	// RegisteredBy is the actor who registered the host, RegisterCommand
@@ -152,6 +162,11 @@ func (h *HostState) Apply(rec *Record) error {
 		h.Registered = true
 		h.CPU, h.MemoryMiB, h.Address = ev.CPU, ev.MemoryMiB, ev.Address
 		h.Labels = ev.Labels
+		if ev.Key != "" {
+			// A key once recorded stays: a registration without one
+			// never takes a host back to unsigned observations.
+			h.Key = ev.Key
+		}
 		h.RegisteredBy, h.RegisterCommand = rec.Envelope.Actor, rec.Envelope.CommandID
 	case HostCordoned:
 		h.Cordoned, h.CordonReason = true, ev.Reason

@@ -37,7 +37,9 @@ func current[T Event]() typeInfo {
 
 // registry lists every event type. It is read-only after package init.
 var registry = map[Type]typeInfo{
-	TypeHostRegistered: current[HostRegistered](),
+	TypeHostRegistered: versions[HostRegistered](map[int]func([]byte) (Event, error){
+		1: upcast(upcastHostRegisteredV1),
+	}),
 	TypeHostCordoned:   current[HostCordoned](),
 	TypeHostUncordoned: current[HostUncordoned](),
 	TypeHostAllocated:  current[HostAllocated](),

@@ -21,7 +21,8 @@ const schemaDir = "../schemas"
 // samples has one representative value of every event type's newest
 // version. A type without a sample fails TestSchemas_EveryTypeHasASample.
 var samples = map[Type]Event{
-	TypeHostRegistered: HostRegistered{CPU: 8, MemoryMiB: 16384, Address: "10.0.0.1", Labels: map[string]string{"zone": "a", "rack": "r1"}},
+	TypeHostRegistered: HostRegistered{CPU: 8, MemoryMiB: 16384, Address: "10.0.0.1", Labels: map[string]string{"zone": "a", "rack": "r1"},
+		Key: "UASL4UOHD2OV7V2KTWIQX77KOAW6LDA2Z6WWLZ5COCF72WJIBWUNKPLF"},
 	TypeHostCordoned:   HostCordoned{Reason: "maintenance"},
 	TypeHostUncordoned: HostUncordoned{},
 	TypeHostAllocated:  HostAllocated{VM: "web-1", UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", CPU: 2, MemoryMiB: 512},
@@ -77,7 +78,8 @@ var samples = map[Type]Event{
 
 // commandSamples has one value of every command body, by subject.
 var commandSamples = map[string]any{
-	CommandSubject(KindHost, VerbRegister):       RegisterHost{CommandMeta: CommandMeta{CommandID: "c1"}, Name: "h1", CPU: 8, MemoryMiB: 16384},
+	CommandSubject(KindHost, VerbRegister): RegisterHost{CommandMeta: CommandMeta{CommandID: "c1"}, Name: "h1", CPU: 8, MemoryMiB: 16384,
+		Key: "UASL4UOHD2OV7V2KTWIQX77KOAW6LDA2Z6WWLZ5COCF72WJIBWUNKPLF"},
 	CommandSubject(KindHost, VerbCordon):         CordonHost{CommandMeta: CommandMeta{CommandID: "c2"}, Name: "h1", Reason: "maintenance"},
 	CommandSubject(KindImage, VerbRegister):      RegisterImage{CommandMeta: CommandMeta{CommandID: "c3"}, Name: "demo", Format: "qcow2", SizeBytes: 1 << 30},
 	CommandSubject(KindVM, VerbCreate):           CreateVM{CommandMeta: CommandMeta{CommandID: "c4"}, Name: "web-1", Image: "demo", CPU: 1, MemoryMiB: 256, Net: "blue"},

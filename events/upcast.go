@@ -92,3 +92,16 @@ type vmObservedV1 struct {
 func upcastVMObservedV1(v vmObservedV1) VMObserved {
 	return VMObserved{UID: v.UID, Incarnation: v.Incarnation, State: v.State, Fault: v.Fault, Unrequested: v.Unrequested}
 }
+
+// hostRegisteredV1 is host.registered before host keys: such a host is in
+// the legacy mode, its observations unsigned.
+type hostRegisteredV1 struct {
+	CPU       int               `msgpack:"cpu"`
+	MemoryMiB int               `msgpack:"mem_mib"`
+	Address   string            `msgpack:"addr,omitempty"`
+	Labels    map[string]string `msgpack:"labels,omitempty"`
+}
+
+func upcastHostRegisteredV1(v hostRegisteredV1) HostRegistered {
+	return HostRegistered{CPU: v.CPU, MemoryMiB: v.MemoryMiB, Address: v.Address, Labels: v.Labels}
+}

@@ -9,9 +9,11 @@ import (
 )
 
 // TestUpcast_V1GoldenSamplesReadAsTheNewest reads the v1 samples of the
-// types that gained leases as their v2 shapes: same fields, no leases.
+// types that gained fields as their newest shapes: same fields, the new
+// ones empty (no leases, no boot, no host key).
 func TestUpcast_V1GoldenSamplesReadAsTheNewest(t *testing.T) {
 	for file, want := range map[string]Event{
+		"host.registered.v1.msgpack":  HostRegistered{CPU: 8, MemoryMiB: 16384, Address: "10.0.0.1", Labels: map[string]string{"zone": "a", "rack": "r1"}},
 		"image.registered.v1.msgpack": ImageRegistered{Format: "qcow2", SizeBytes: 1 << 30, Source: "/var/lib/loom/images/demo.qcow2", Checksum: "sha256:00"},
 		"vm.created.v1.msgpack":       VMCreated{UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Image: "demo", CPU: 2, MemoryMiB: 512, Desired: DesiredRunning, OnHostLost: RestartElsewhere},
 		"vm.placed.v1.msgpack":        VMPlaced{UID: "0f7c3a54-1b2c-5d3e-8f40-123456789abc", Host: "h1", AllocationSeq: 41},

@@ -18,17 +18,35 @@ const (
 // decideRegisterHost registers a new host. Registering again with the same
 // spec changes nothing; with another spec it is refused, since capacity
 // already allocated was decided against the first.
+//
+// The host's key is part of its spec, with one exception: a host
+// registered without a key (the legacy mode, whose observations are taken
+// unsigned) may be given one by registering again with the same spec, which
+// turns signature checks on from that event. A key, once registered, is
+// never changed nor removed by registering again: whoever may register
+// hosts could otherwise take over a host's observations, or switch their
+// checks off. (Rotating a key is a decision of its own, not built yet.)
 func decideRegisterHost(h events.HostState, cmd *events.RegisterHost) (events.Event, *events.Fault) {
-	want := events.HostRegistered{CPU: cmd.CPU, MemoryMiB: cmd.MemoryMiB, Address: cmd.Address, Labels: cmd.Labels}
+	want := events.HostRegistered{CPU: cmd.CPU, MemoryMiB: cmd.MemoryMiB, Address: cmd.Address, Labels: cmd.Labels, Key: cmd.Key}
 	if !h.Registered {
 		return want, nil
 	}
-	if h.CPU == want.CPU && h.MemoryMiB == want.MemoryMiB && h.Address == want.Address && maps.Equal(h.Labels, want.Labels) {
+	if h.CPU != want.CPU || h.MemoryMiB != want.MemoryMiB || h.Address != want.Address || !maps.Equal(h.Labels, want.Labels) {
+		return nil, events.Errorf(events.CodeHostExists,
+			"host %s is registered with cpu %d, mem_mib %d, addr %q and other labels; a host's spec cannot change by registering again",
+			cmd.Name, h.CPU, h.MemoryMiB, h.Address)
+	}
+	switch {
+	case h.Key == want.Key:
 		return nil, nil
+	case h.Key == "":
+		return want, nil
+	case want.Key == "":
+		return nil, events.Errorf(events.CodeHostExists,
+			"host %s is registered with key %s, and a key cannot be removed: register it with --key %s, or not at all", cmd.Name, h.Key, h.Key)
 	}
 	return nil, events.Errorf(events.CodeHostExists,
-		"host %s is registered with cpu %d, mem_mib %d, addr %q and other labels; a host's spec cannot change by registering again",
-		cmd.Name, h.CPU, h.MemoryMiB, h.Address)
+		"host %s is registered with key %s, not %s: a host's key cannot be changed by registering again", cmd.Name, h.Key, want.Key)
 }
 
 // decideCordon cordons a host (no new placements) or uncordons it. Asking

@@ -33,6 +33,14 @@ func TestDecideRegisterHost(t *testing.T) {
 	bigger.CPU = 8
 	relabeled := same
 	relabeled.Labels = map[string]string{"zone": "b"}
+	const key, otherKey = "UASL4UOHD2OV7V2KTWIQX77KOAW6LDA2Z6WWLZ5COCF72WJIBWUNKPLF", "UBCBWJDJ7JERHGZSQVJOJYTAOCGQ2IKUICZZUMEEY2P4KHHVUMJDFTDW"
+	keyed := same
+	keyed.Key = key
+	withKey := func(k string) *events.RegisterHost {
+		c := *cmd
+		c.Key = k
+		return &c
+	}
 	tests := []struct {
 		name      string
 		host      events.HostState
@@ -47,6 +55,28 @@ func TestDecideRegisterHost(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			ev, fault := decideRegisterHost(tc.host, cmd)
+			checkDecision(t, ev, fault, tc.wantEvent, tc.wantCode)
+		})
+	}
+	keyTests := []struct {
+		name      string
+		host      events.HostState
+		cmd       *events.RegisterHost
+		wantEvent events.Event
+		wantCode  events.Code
+	}{
+		{"new host with a key", events.HostState{}, withKey(key),
+			events.HostRegistered{CPU: 4, MemoryMiB: 8192, Labels: map[string]string{"zone": "a"}, Key: key}, 0},
+		{"a keyless host gets a key", same, withKey(key),
+			events.HostRegistered{CPU: 4, MemoryMiB: 8192, Labels: map[string]string{"zone": "a"}, Key: key}, 0},
+		{"the same key again is a no-op", keyed, withKey(key), nil, 0},
+		{"another key is refused", keyed, withKey(otherKey), nil, events.CodeHostExists},
+		{"the key cannot be removed", keyed, cmd, nil, events.CodeHostExists},
+		{"another spec with a key is refused", bigger, withKey(key), nil, events.CodeHostExists},
+	}
+	for _, tc := range keyTests {
+		t.Run(tc.name, func(t *testing.T) {
+			ev, fault := decideRegisterHost(tc.host, tc.cmd)
 			checkDecision(t, ev, fault, tc.wantEvent, tc.wantCode)
 		})
 	}

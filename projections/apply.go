@@ -6,8 +6,10 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
+	"github.com/nats-io/nats.go"
 
 	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/hostkey"
 )
 
 // delivery is one message of LOOM_EVENTS as the runner receives it: the
@@ -22,21 +24,29 @@ type delivery struct {
 	// addr is the parsed subject, unless addrErr.
 	addr    events.Address
 	addrErr error
-	// hash is events.Hash(Data) on a loom.evt subject: its new head.
+	// hash is events.Hash(Data) when the subject parses: the subject's new
+	// head, and what an observation's signature covers.
 	hash []byte
+	// sig is an observation's signature, as its headers give it.
+	sig signature
 	// pending is how many messages the stream held after this one when it
 	// was delivered; zero means the runner has caught up.
 	pending uint64
 }
 
-// decodeDelivery prepares a message for the runner. It is pure, and runs
-// on the consumer's goroutine, so that it overlaps the runner's work.
-func decodeDelivery(seq uint64, subject string, stored time.Time, data []byte, pending uint64) delivery {
+// decodeDelivery prepares a message for the runner. It runs on the
+// consumer's goroutine, so that it overlaps the runner's work, and is pure
+// (v, that goroutine's own, only remembers keys it parsed): the signature
+// check it makes ahead is used only where the runner would make the same.
+func decodeDelivery(seq uint64, subject string, stored time.Time, data []byte, header nats.Header, pending uint64, v *hostkey.Verifier) delivery {
 	d := delivery{pending: pending}
 	d.rec, d.err = events.DecodeRecord(seq, subject, stored, data)
 	d.addr, d.addrErr = events.ParseEventSubject(subject)
-	if d.addrErr == nil && !d.addr.Observed {
+	if d.addrErr == nil {
 		d.hash = events.Hash(data)
+		if d.addr.Observed {
+			d.sig = readSignature(header, subject, d.hash, v)
+		}
 	}
 	return d
 }
@@ -106,6 +116,14 @@ func (b *batch) apply(d *delivery) error {
 		return nil // a redelivery of what is already applied
 	}
 	b.last = rec.Seq
+	err := d.err
+	if err == nil && d.addrErr != nil {
+		err = &rejection{reason: d.addrErr.Error()}
+	}
+	if err == nil && d.addr.Observed && !b.s.opts.Unsafe.NoSignatureCheck {
+		// Before the head moves: the signature names the message before.
+		err = b.checkSignature(d)
+	}
 	if d.hash != nil {
 		// The head moves even for a message that is flagged below: it is
 		// the subject's last message all the same, and writers append
@@ -113,10 +131,6 @@ func (b *batch) apply(d *delivery) error {
 		if err := b.setHead(rec.Subject, d.addr, events.Head{Seq: rec.Seq, Hash: d.hash}); err != nil {
 			return err
 		}
-	}
-	err := d.err
-	if err == nil && d.addrErr != nil {
-		err = &rejection{reason: d.addrErr.Error()}
 	}
 	if err == nil {
 		err = b.fold(rec, d.addr)

@@ -20,16 +20,22 @@ const publishWindow = 1024
 // LOOM_EVENTS, for benchmarks: 100 hosts, 8 images, up to 5,000 VMs at
 // once whose names get new incarnations, each VM created, allocated,
 // placed, started, stopped, paused, deleted and released, the agents'
-// reports of each goal, progress reports and orphans. The same seed gives
-// the same history. Each message expects the stream's last sequence to be
-// the one before it, so nothing else may append meanwhile. It returns the
-// last sequence.
-func PublishHistory(ctx context.Context, js jetstream.JetStream, n int, seed uint64) (uint64, error) {
+// reports of each goal, progress reports and orphans. With signed, every
+// host is registered with a key and its agent signs every report; the
+// history is otherwise the one the same seed gives unsigned. The same seed
+// gives the same history. Each message expects the stream's last sequence
+// to be the one before it, so nothing else may append meanwhile. It
+// returns the last sequence.
+func PublishHistory(ctx context.Context, js jetstream.JetStream, n int, seed uint64, signed bool) (uint64, error) {
 	info, err := streamInfo(ctx, js)
 	if err != nil {
 		return 0, err
 	}
-	h := newHistory(benchFleet, seed, info.State.LastSeq+1)
+	cfg := benchFleet
+	if signed {
+		cfg.keys = keysAll
+	}
+	h := newHistory(cfg, seed, info.State.LastSeq+1)
 	return publishHistory(ctx, js, h, n)
 }
 
@@ -42,7 +48,7 @@ func publishHistory(ctx context.Context, js jetstream.JetStream, h *history, n i
 		futures = futures[:0]
 		for ; published < n && len(futures) < publishWindow; published++ {
 			m := h.next()
-			msg := &nats.Msg{Subject: m.subject, Data: m.data, Header: nats.Header{}}
+			msg := &nats.Msg{Subject: m.subject, Data: m.data, Header: cloneHeader(m.header)}
 			if m.typ != "" {
 				msg.Header.Set(events.HeaderType, string(m.typ))
 				msg.Header.Set(events.HeaderVersion, fmt.Sprint(m.version))

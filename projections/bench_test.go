@@ -39,7 +39,7 @@ func BenchmarkRebuild(b *testing.B) {
 	n := benchEventCount(b)
 	bus := bustest.Start(b)
 	ctx := context.Background()
-	if _, err := PublishHistory(ctx, bus.JS, n, 1); err != nil {
+	if _, err := PublishHistory(ctx, bus.JS, n, 1, false); err != nil {
 		b.Fatalf("fill stream: %v", err)
 	}
 	dir := b.TempDir()

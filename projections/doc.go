@@ -24,7 +24,11 @@
 //
 // A message that does not decode, or decodes to an event that does not
 // belong on its subject, is recorded in the flagged table (FlaggedEvents),
-// counted, logged, and skipped; it still moves its subject's head.
+// counted, logged, and skipped; it still moves its subject's head. So is an
+// observation of a host registered with a key that is not signed by that
+// key for its place in its subject (signatures.go): unsigned, forged or
+// replayed. Hosts registered without a key are the legacy mode, whose
+// observations are taken unsigned.
 //
 // Reads (VM, Host, Hosts, VMs, Images, CommandResult, Head, the queries)
 // may come from any goroutine. Each reads one Pebble snapshot, so it

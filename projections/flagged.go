@@ -11,14 +11,18 @@ import (
 
 // The flagged table: messages of LOOM_EVENTS the read models could not
 // apply (corrupt bytes, an unknown type or version, an event on a subject
-// it does not belong to). The runner records each, skips it and goes on,
-// so one bad message never stalls the read models.
+// it does not belong to, a stale observation, an observation of a host
+// registered with a key that is unsigned, forged or replayed). The runner
+// records each, skips it and goes on, so one bad message never stalls the
+// read models.
 
 // Flagged is a message the read models skipped, and why.
 type Flagged struct {
 	Seq     uint64 `msgpack:"seq" json:"seq"`
 	Subject string `msgpack:"subject" json:"subject"`
-	// Code is events.CodeCorruptEvent or events.CodeUnknownEvent.
+	// Code is the catalog code of why: corrupt_event, unknown_event,
+	// stale_observation, unsigned_observation, forged_observation,
+	// replayed_observation or chain_broken.
 	Code   events.Code `msgpack:"code" json:"code"`
 	Reason string      `msgpack:"reason" json:"reason"`
 }

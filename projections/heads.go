@@ -11,17 +11,21 @@ import (
 	"github.com/loomctl/loom/events"
 )
 
-// The heads read model: for every loom.evt.<kind>.<id> subject, the
-// sequence and hash of its last message, what a writer appends after. The
-// rows of hosts, images and VMs carry the head of their own subject
+// The heads read model: for every subject of LOOM_EVENTS, the sequence and
+// hash of its last message, what a writer appends after. The rows of hosts,
+// images, nets and VMs carry the head of their own decision subject
 // (rowValue), so a decision writes one key, not two; the heads table holds
-// the subjects of the other kinds. A message that is flagged still moves
-// its subject's head: it is the subject's last message all the same.
-// Observation subjects have no heads here; each has one writer, its agent,
-// which keeps its own.
+// the subjects of the other kinds and every observation subject, whose
+// heads the signature checks read (signatures.go). A message that is
+// flagged still moves its subject's head: it is the subject's last message
+// all the same.
 
-// setHead records the new head of a loom.evt subject.
+// setHead records the new head of a subject.
 func (b *batch) setHead(subject string, addr events.Address, head events.Head) error {
+	if addr.Observed {
+		b.heads[subject] = head
+		return nil
+	}
 	switch addr.Kind {
 	case events.KindVM:
 		r, err := b.loadVM(addr.ID)
@@ -62,8 +66,8 @@ func (b *batch) writeHeads(pb *pebble.Batch) error {
 	return nil
 }
 
-// Head is where a loom.evt subject stands; the zero Head when it is empty
-// (or not a loom.evt subject).
+// Head is where a subject of LOOM_EVENTS stands; the zero Head when it is
+// empty (or not a subject of the stream).
 func (s *Store) Head(ctx context.Context, subject string) (events.Head, error) {
 	var head events.Head
 	err := s.read(ctx, func(v *view) error {
@@ -76,20 +80,21 @@ func (s *Store) Head(ctx context.Context, subject string) (events.Head, error) {
 
 func (v *view) head(subject string) (events.Head, error) {
 	addr, err := events.ParseEventSubject(subject)
-	if err != nil || addr.Observed {
+	if err != nil {
 		return events.Head{}, nil
 	}
-	switch addr.Kind {
-	case events.KindVM:
+	switch {
+	case addr.Observed:
+	case addr.Kind == events.KindVM:
 		_, head, _, err := v.vm(addr.ID)
 		return head, err
-	case events.KindHost:
+	case addr.Kind == events.KindHost:
 		row, _, err := v.hostRow(addr.ID)
 		return row.Head, err
-	case events.KindNet:
+	case addr.Kind == events.KindNet:
 		_, head, _, err := v.net(addr.ID)
 		return head, err
-	case events.KindImage:
+	case addr.Kind == events.KindImage:
 		_, head, _, err := v.image(addr.ID)
 		return head, err
 	}

@@ -76,11 +76,13 @@ type publisher struct {
 	t    testing.TB
 	js   jetstream.JetStream
 	prev map[string][]byte
+	// last is the sequence of the last message on each subject.
+	last map[string]uint64
 	tick int64
 }
 
 func newPublisher(t testing.TB, b *bustest.Bus) *publisher {
-	return &publisher{t: t, js: b.JS, prev: map[string][]byte{}}
+	return &publisher{t: t, js: b.JS, prev: map[string][]byte{}, last: map[string]uint64{}}
 }
 
 // event publishes ev on subject as the first event of commandID.
@@ -120,6 +122,7 @@ func (p *publisher) publish(msg *nats.Msg) uint64 {
 		p.t.Fatalf("publish %s: %v", msg.Subject, err)
 	}
 	p.prev[msg.Subject] = events.Hash(msg.Data)
+	p.last[msg.Subject] = ack.Sequence
 	return ack.Sequence
 }
 

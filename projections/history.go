@@ -1,13 +1,19 @@
 package projections
 
 import (
+	"bytes"
 	"fmt"
 	"math/rand/v2"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/hostkey"
 )
 
 // historyConfig shapes a generated fleet history.
@@ -18,9 +24,28 @@ type historyConfig struct {
 	liveVMs int
 	// anomalies mixes in what the read models must ignore or flag:
 	// reports from the wrong host, of another incarnation or an older
-	// goal, misplaced events, corrupt bytes, unknown types and versions.
+	// goal, misplaced events, corrupt bytes, unknown types and versions;
+	// with keys, also unsigned, forged and replayed observations.
 	anomalies bool
+	// keys says which hosts are registered with a key, whose agents then
+	// sign what they report.
+	keys keyMode
 }
+
+// keyMode says which hosts of a generated history have keys.
+type keyMode int
+
+const (
+	// keysNone: every host in the legacy mode, its reports unsigned.
+	keysNone keyMode = iota
+	// keysAll: every host registered with a key. The keys come from a
+	// randomness of their own, so a history with keys has the shape of
+	// the same seed's history without.
+	keysAll
+	// keysMixed: every other host registered with a key, some of the
+	// others given one later, the rest in the legacy mode.
+	keysMixed
+)
 
 // benchFleet is the fleet of the rebuild benchmark.
 var benchFleet = historyConfig{hosts: 100, images: 8, liveVMs: 5000}
@@ -33,6 +58,8 @@ var benchFleet = historyConfig{hosts: 100, images: 8, liveVMs: 5000}
 type history struct {
 	cfg historyConfig
 	rng *rand.Rand
+	// keyRng makes the hosts' keys.
+	keyRng *rand.Rand
 	// seq is the stream sequence the next message gets.
 	seq uint64
 	// commands counts the commands issued, for command ids.
@@ -56,6 +83,14 @@ type history struct {
 	leases map[events.Resource]*genLease
 	// nets are the virtual networks' states (history_nets.go).
 	nets map[string]*events.NetState
+	// last is the sequence of the last message on each subject, and
+	// sent the last few messages on each observation subject (for
+	// replays).
+	last map[string]uint64
+	sent map[string][]message
+	// forged are the sequences of what forge appended on the subjects of
+	// hosts with keys, with the code the read models must flag each with.
+	forged map[uint64]events.Code
 }
 
 type genHost struct {
@@ -67,6 +102,9 @@ type genHost struct {
 	// lost is the marker sequence the host was declared lost at; 0 when
 	// it is not lost.
 	lost uint64
+	// key signs its agent's reports once registered; nil in the legacy
+	// mode.
+	key *hostkey.Key
 }
 
 type genVM struct {
@@ -91,12 +129,16 @@ type message struct {
 	data    []byte
 	typ     events.Type
 	version int
+	// header holds an observation's signature and the subject sequence
+	// it expects; nil for the rest.
+	header nats.Header
 }
 
 func newHistory(cfg historyConfig, seed uint64, firstSeq uint64) *history {
-	return &history{cfg: cfg, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), seq: firstSeq,
+	return &history{cfg: cfg, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), keyRng: rand.New(rand.NewPCG(seed, 0x6b6579)), seq: firstSeq,
 		prev: map[string][]byte{}, live: map[string]*genVM{}, at: map[string]int{},
-		leases: map[events.Resource]*genLease{}}
+		leases: map[events.Resource]*genLease{}, last: map[string]uint64{}, sent: map[string][]message{},
+		forged: map[uint64]events.Code{}}
 }
 
 // next is the history's next message.
@@ -144,6 +186,10 @@ func (h *history) act() {
 	case n < 79:
 		h.cordon()
 	case n < 80:
+		if h.cfg.keys == keysMixed && h.rng.IntN(4) == 0 {
+			h.giveKey()
+			return
+		}
 		h.liveness()
 	case n < 88:
 		h.lease()
@@ -157,7 +203,8 @@ func (h *history) act() {
 }
 
 // emit seals ev on subject as the index-th event of commandID and queues
-// it; it returns the sequence the message will get.
+// it; it returns the sequence the message will get. An observation of a
+// host with a key is signed with it, as its agent would.
 func (h *history) emit(subject string, ev events.Event, commandID string, index int) uint64 {
 	addr, err := events.ParseEventSubject(subject)
 	if err != nil {
@@ -168,7 +215,23 @@ func (h *history) emit(subject string, ev events.Event, commandID string, index 
 	if err != nil {
 		panic(err)
 	}
-	return h.emitRaw(message{subject: subject, data: data, typ: ev.EventType(), version: events.CurrentVersion(ev.EventType())})
+	m := message{subject: subject, data: data, typ: ev.EventType(), version: events.CurrentVersion(ev.EventType())}
+	if addr.Observed {
+		if host := h.hostNamed(addr.Host); host != nil && host.key != nil {
+			h.sign(&m, host.key)
+		}
+	}
+	return h.emitRaw(m)
+}
+
+// sign signs m with key as an agent appending it after its subject's last
+// message.
+func (h *history) sign(m *message, key *hostkey.Key) {
+	prev := h.last[m.subject]
+	m.header = nats.Header{}
+	m.header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(prev, 10))
+	m.header.Set(events.HeaderSigKey, key.Public())
+	m.header.Set(events.HeaderSig, key.Sign(m.subject, prev, events.Hash(m.data)))
 }
 
 func (h *history) emitRaw(m message) uint64 {
@@ -176,6 +239,11 @@ func (h *history) emitRaw(m message) uint64 {
 	h.seq++
 	m.seq = seq
 	h.prev[m.subject] = events.Hash(m.data)
+	h.last[m.subject] = seq
+	if strings.HasPrefix(m.subject, "loom.obs.") {
+		sent := append(h.sent[m.subject], m)
+		h.sent[m.subject] = sent[max(0, len(sent)-4):]
+	}
 	h.queue = append(h.queue, m)
 	return seq
 }
@@ -188,8 +256,53 @@ func (h *history) command() string {
 func (h *history) registerHost() {
 	host := &genHost{name: fmt.Sprintf("host-%03d", len(h.hosts)), cpu: 64, mem: 256 << 10, used: map[string]int{}}
 	h.hosts = append(h.hosts, host)
-	h.emit(events.EventSubject(events.KindHost, host.name), events.HostRegistered{CPU: host.cpu, MemoryMiB: host.mem,
-		Labels: map[string]string{"rack": strconv.Itoa(len(h.hosts) % 4), "zone": "z" + strconv.Itoa(len(h.hosts)%2)}}, h.command(), 0)
+	if h.cfg.keys == keysAll || (h.cfg.keys == keysMixed && len(h.hosts)%2 == 1) {
+		host.key = h.newKey()
+	}
+	h.emit(events.EventSubject(events.KindHost, host.name), host.registration(len(h.hosts)), h.command(), 0)
+}
+
+// registration is what registers host, the i-th.
+func (g *genHost) registration(i int) events.HostRegistered {
+	reg := events.HostRegistered{CPU: g.cpu, MemoryMiB: g.mem,
+		Labels: map[string]string{"rack": strconv.Itoa(i % 4), "zone": "z" + strconv.Itoa(i%2)}}
+	if g.key != nil {
+		reg.Key = g.key.Public()
+	}
+	return reg
+}
+
+// giveKey registers a host of the legacy mode again, with a key: from
+// then on its agent signs.
+func (h *history) giveKey() {
+	i := h.rng.IntN(len(h.hosts))
+	host := h.hosts[i]
+	if host.key != nil {
+		return
+	}
+	host.key = h.newKey()
+	h.emit(events.EventSubject(events.KindHost, host.name), host.registration(i+1), h.command(), 0)
+}
+
+// newKey is a host key made from the history's randomness for keys.
+func (h *history) newKey() *hostkey.Key {
+	var seed [32]byte
+	for i := range seed {
+		seed[i] = byte(h.keyRng.IntN(256))
+	}
+	key, err := hostkey.Derive(seed)
+	if err != nil {
+		panic(err)
+	}
+	return key
+}
+
+// hostNamed is the host of that name, nil if none.
+func (h *history) hostNamed(name string) *genHost {
+	if i := slices.IndexFunc(h.hosts, func(g *genHost) bool { return g.name == name }); i >= 0 {
+		return h.hosts[i]
+	}
+	return nil
 }
 
 func (h *history) registerImage() {
@@ -365,6 +478,10 @@ func (h *history) anomaly() {
 		h.emit(events.ObservationSubject(host.name, events.KindHost, "host-elsewhere"), events.HostOrphanFound{Domain: "x"}, "", 0)
 	case 4: // a decision on an observation subject
 		h.emit(events.ObservationSubject(host.name, events.KindVM, "vm-forged"), events.VMCreated{UID: "forged", Desired: events.DesiredRunning}, "", 0)
+	case 5, 6, 7:
+		if h.cfg.keys != keysNone && vm != nil {
+			h.forge(vm)
+		}
 	}
 	if vm == nil {
 		return
@@ -382,6 +499,79 @@ func (h *history) anomaly() {
 	case 3: // a release of another incarnation's allocation
 		h.emit(events.EventSubject(events.KindHost, vm.host), events.HostReleased{VM: vm.name, UID: "an-older-uid", Reason: "stale"}, h.command(), 0)
 	}
+}
+
+// forge appends, on the subject of vm's host, what its agent did not: an
+// unsigned report, one signed by another host's key (or one nobody
+// registered), one whose signature was changed, or an old report of the
+// subject published again. Against a host without a key they are taken,
+// as the legacy mode takes anything.
+func (h *history) forge(vm *genVM) {
+	subject := events.ObservationSubject(vm.host, events.KindVM, vm.name)
+	report := events.VMObserved{UID: vm.uid, Incarnation: vm.incarnation, State: events.ObservedCrashed}
+	host := h.hostNamed(vm.host)
+	var seq uint64
+	var code events.Code
+	switch h.rng.IntN(4) {
+	case 0:
+		seq, code = h.emitSignedBy(host, subject, report, nil), events.CodeUnsignedObservation
+	case 1:
+		key := h.hosts[h.rng.IntN(len(h.hosts))].key
+		if key == nil || key == host.key {
+			key = h.newKey()
+		}
+		seq, code = h.emitSignedBy(host, subject, report, key), events.CodeForgedObservation
+	case 2:
+		seq, code = h.emit(subject, report, "", 0), events.CodeForgedObservation
+		if m := &h.queue[len(h.queue)-1]; m.seq == seq && m.header != nil {
+			m.header = cloneHeader(m.header)
+			sig := []byte(m.header.Get(events.HeaderSig))
+			sig[10] ^= 1
+			m.header.Set(events.HeaderSig, string(sig))
+		}
+	case 3:
+		sent := h.sent[subject]
+		if len(sent) < 2 {
+			return
+		}
+		old := sent[h.rng.IntN(len(sent)-1)]
+		replay := message{subject: subject, data: old.data, typ: old.typ, version: old.version}
+		code = events.CodeUnsignedObservation
+		if old.header.Get(events.HeaderSig) != "" {
+			// Published as it was, the server would refuse it: the
+			// sequence it expects is not the subject's last any more.
+			replay.header = cloneHeader(old.header)
+			replay.header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(h.last[subject], 10))
+			code = events.CodeReplayedObservation
+			var env events.Envelope
+			if err := events.Unmarshal(old.data, &env); err == nil && bytes.Equal(env.PrevHash, h.prev[subject]) {
+				// The subject's last message is a copy of the one this
+				// report followed: chained, but signed for another place.
+				code = events.CodeForgedObservation
+			}
+		}
+		seq = h.emitRaw(replay)
+	}
+	if host.key != nil {
+		h.forged[seq] = code
+	}
+}
+
+// emitSignedBy emits ev on subject, an observation subject of host, signed
+// with key instead of the host's own (nil: unsigned).
+func (h *history) emitSignedBy(host *genHost, subject string, ev events.Event, key *hostkey.Key) uint64 {
+	own := host.key
+	host.key = key
+	defer func() { host.key = own }()
+	return h.emit(subject, ev, "", 0)
+}
+
+func cloneHeader(header nats.Header) nats.Header {
+	out := make(nats.Header, len(header))
+	for k, v := range header {
+		out[k] = append([]string(nil), v...)
+	}
+	return out
 }
 
 // emitUnknown appends a well-formed envelope of a type or version this
@@ -422,6 +612,9 @@ func (h *history) forget(vm *genVM) {
 }
 
 func (h *history) host(name string) *genHost {
-	i := slices.IndexFunc(h.hosts, func(g *genHost) bool { return g.name == name })
-	return h.hosts[i]
+	host := h.hostNamed(name)
+	if host == nil {
+		panic("no host " + name) // the generator names only its own hosts
+	}
+	return host
 }

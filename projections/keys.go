@@ -12,7 +12,7 @@ import (
 //
 //	v1/layout                          fingerprint of the row layout (see layout.go)
 //	v1/applied                         last applied stream sequence (8 bytes, big-endian)
-//	v1/head/<subject>                  events.Head of a loom.evt subject of another kind (seq, then hash)
+//	v1/head/<subject>                  events.Head of a subject without a row: loom.evt of other kinds, every loom.obs (seq, then hash)
 //	v1/host/<name>                     head and events.HostState without its maps (msgpack rowValue)
 //	v1/host-alloc/<part host><vm>      events.Allocation of vm on host (msgpack)
 //	v1/host-orphan/<part host><domain> events.HostOrphanFound of an orphan on host (msgpack)

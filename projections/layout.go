@@ -24,9 +24,17 @@ import (
 // keyLayout holds the layout fingerprint of the rows under version.
 var keyLayout = []byte(version + "layout")
 
-// rowLayout fingerprints the Go types that rows encode.
+// foldRevision names what the runner writes from a given history, beside
+// the types it encodes: a change to it (a table a new fold fills) has rows
+// written before it dropped and rebuilt, as a change of layout does.
+// Revision 2 keeps the heads of observation subjects and checks signed
+// observations against them.
+const foldRevision = "2"
+
+// rowLayout fingerprints the Go types that rows encode, and foldRevision.
 func rowLayout() string {
 	var b strings.Builder
+	b.WriteString("fold " + foldRevision + "\n")
 	for _, t := range []reflect.Type{
 		reflect.TypeFor[rowValue[events.HostState]](), reflect.TypeFor[events.Allocation](),
 		reflect.TypeFor[events.HostOrphanFound](), reflect.TypeFor[rowValue[events.ImageState]](),

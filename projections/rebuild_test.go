@@ -13,13 +13,14 @@ import (
 
 	"github.com/loomctl/loom/events"
 	"github.com/loomctl/loom/events/bus/bustest"
+	"github.com/loomctl/loom/events/hostkey"
 )
 
 var seedFlag = flag.Uint64("seed", 0, "run the rebuild tests with this seed only")
 
 // testFleet is small enough that names, hosts and incarnations collide
 // often, with every anomaly mixed in.
-var testFleet = historyConfig{hosts: 4, images: 2, liveVMs: 40, anomalies: true}
+var testFleet = historyConfig{hosts: 4, images: 2, liveVMs: 40, anomalies: true, keys: keysMixed}
 
 // seeds are the seeds a rebuild test runs: a few fixed ones and one new
 // one per run, or only -seed.
@@ -140,13 +141,34 @@ func assertCovers(t *testing.T, seed uint64, s *Store) {
 	for _, vm := range vms {
 		phases[vm.Phase]++
 	}
+	codes := map[events.Code]int{}
+	for _, f := range flagged {
+		codes[f.Code]++
+	}
+	for _, c := range []events.Code{events.CodeUnsignedObservation, events.CodeForgedObservation, events.CodeReplayedObservation} {
+		if codes[c] == 0 {
+			t.Fatalf("seed %d: history too thin: no %s flagged (flagged: %v)", seed, c.Name(), codes)
+		}
+	}
 	allocations, lostOrRejoined := 0, 0
+	keyed := map[string]bool{}
 	for _, h := range hosts {
 		allocations += len(h.State.Allocations)
 		if h.State.Lost || h.State.Epoch > 0 {
 			lostOrRejoined++
 		}
+		keyed[h.State.Name] = h.State.Key != ""
 	}
+	observedOnKeyed := 0
+	for _, vm := range vms {
+		if keyed[vm.Host] && vm.Observed.Seq != 0 {
+			observedOnKeyed++
+		}
+	}
+	if observedOnKeyed == 0 {
+		t.Fatalf("seed %d: no VM on a host with a key has a signed observation applied", seed)
+	}
+	t.Logf("seed %d: flagged by code %v; %d VMs on hosts with keys observed", seed, codes, observedOnKeyed)
 	if len(flagged) == 0 || phases[events.PhasePlaced] == 0 || phases[events.PhaseGone] == 0 || allocations == 0 || lostOrRejoined == 0 {
 		t.Fatalf("seed %d: history too thin: %d flagged, phases %v, %d allocations, %d hosts lost or rejoined",
 			seed, len(flagged), phases, allocations, lostOrRejoined)
@@ -227,9 +249,10 @@ func redeliver(rng *rand.Rand, batch, all []delivery) []delivery {
 // receive them.
 func historyDeliveries(h *history, n int) []delivery {
 	deliveries := make([]delivery, 0, n)
+	keys := hostkey.NewVerifier()
 	for range n {
 		m := h.next()
-		deliveries = append(deliveries, decodeDelivery(m.seq, m.subject, time.Unix(0, 0), m.data, 1))
+		deliveries = append(deliveries, decodeDelivery(m.seq, m.subject, time.Unix(0, 0), m.data, m.header, 1, keys))
 	}
 	return deliveries
 }

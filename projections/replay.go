@@ -9,6 +9,7 @@ import (
 
 	"github.com/loomctl/loom/events"
 	"github.com/loomctl/loom/events/bus"
+	"github.com/loomctl/loom/events/hostkey"
 )
 
 // Replaying: the read models as they stood at one point of the history,
@@ -194,7 +195,7 @@ func (s *Store) skippedBefore(ctx context.Context, js jetstream.JetStream, opts 
 		if err != nil {
 			return nil, fmt.Errorf("read flagged sequence %d again: %w", f.Seq, err)
 		}
-		d := decodeDelivery(msg.Seq, msg.Subject, msg.Time, msg.Data, 0)
+		d := decodeDelivery(msg.Seq, msg.Subject, msg.Time, msg.Data, msg.Header, 0, hostkey.NewVerifier())
 		switch {
 		case d.err == nil:
 			continue

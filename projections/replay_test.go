@@ -266,7 +266,7 @@ func TestReplayTo_MissingSequences(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &publisher{t: t, js: js, prev: map[string][]byte{}}
+	p := &publisher{t: t, js: js, prev: map[string][]byte{}, last: map[string]uint64{}}
 	for i := range 8 {
 		p.event(events.EventSubject(events.KindHost, fmt.Sprintf("h%d", i)), events.HostRegistered{CPU: 2, MemoryMiB: 1024}, fmt.Sprintf("c%d", i))
 	}

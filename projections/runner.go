@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/hostkey"
 )
 
 // Retry bounds of the runner when the stream is missing or NATS is down.
@@ -43,6 +44,9 @@ type runner struct {
 	vms    *table[events.VMState]
 	leases *table[events.LeaseState]
 	enc    *encoder
+	// keys checks the signatures of observations the consumer's goroutine
+	// could not check ahead (signatures.go).
+	keys *hostkey.Verifier
 	// batch is reused from one batch to the next.
 	batch *batch
 	// flagLog rate-limits the logs of flagged messages.
@@ -58,6 +62,7 @@ func newRunner(s *Store) *runner {
 		vms:     newTable(prefixVM, limit, blankVM, isBlankVM),
 		leases:  newLeaseTable(limit),
 		enc:     newEncoder(),
+		keys:    hostkey.NewVerifier(),
 		flagLog: limiter{every: logEvery},
 	}
 	r.batch = newBatch(s, r)
@@ -258,13 +263,14 @@ func (s *Store) subscribe(ctx context.Context, js jetstream.JetStream, from uint
 		})
 	}
 	consumeErrors := limiter{every: logEvery}
+	keys := hostkey.NewVerifier() // the callback's own: it runs on one goroutine
 	f.consumer, err = consumer.Consume(func(msg jetstream.Msg) {
 		meta, err := msg.Metadata()
 		if err != nil {
 			fail(fmt.Errorf("message on %s: %w", msg.Subject(), err))
 			return
 		}
-		d := decodeDelivery(meta.Sequence.Stream, msg.Subject(), meta.Timestamp, msg.Data(), meta.NumPending)
+		d := decodeDelivery(meta.Sequence.Stream, msg.Subject(), meta.Timestamp, msg.Data(), msg.Headers(), meta.NumPending, keys)
 		select {
 		case f.deliveries <- d:
 		case <-f.quit:

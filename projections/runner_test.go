@@ -113,7 +113,7 @@ func TestRun_WaitsForTheStream(t *testing.T) {
 	if err := bus.EnsureStreams(ctx, js, bus.StreamsConfig{}); err != nil {
 		t.Fatal(err)
 	}
-	p := &publisher{t: t, js: js, prev: map[string][]byte{}}
+	p := &publisher{t: t, js: js, prev: map[string][]byte{}, last: map[string]uint64{}}
 	catchUp(t, s, p.event(events.EventSubject(events.KindImage, "demo"), events.ImageRegistered{Format: "raw"}, "c1"))
 }
 
@@ -133,7 +133,7 @@ func TestRun_FollowsAcrossANATSRestart(t *testing.T) {
 	if err := bus.EnsureStreams(ctx, js, bus.StreamsConfig{}); err != nil {
 		t.Fatal(err)
 	}
-	p := &publisher{t: t, js: js, prev: map[string][]byte{}}
+	p := &publisher{t: t, js: js, prev: map[string][]byte{}, last: map[string]uint64{}}
 	s := openStore(t, t.TempDir(), Options{})
 	run(t, s, js)
 	catchUp(t, s, p.event(events.EventSubject(events.KindImage, "a"), events.ImageRegistered{Format: "raw"}, "c1"))

@@ -56,6 +56,9 @@ type Options struct {
 	// QueryConcurrency bounds the queries waiting for their MinSeq at
 	// once; zero means DefaultQueryConcurrency.
 	QueryConcurrency int
+	// Unsafe switches protections off, for the tests that show what each
+	// guards: never set it in production.
+	Unsafe Unsafe
 }
 
 // Validate checks the options.

@@ -36,7 +36,10 @@ func newAuditVerifyCommand(flags *clientFlags) *cobra.Command {
 export) and checks, message by message: that no sequence is missing; that each
 event names the hash of the previous event on its subject; that every seal is
 signed by a key given with --key, follows the seal before it, and signs the
-running hash of every message it covers. It names the first bad event it finds.
+running hash of every message it covers; and that every observation of a host
+registered with a key (loom host register --key) is signed by that key for its
+place in its subject (unsigned_observation, forged_observation,
+replayed_observation otherwise). It names the first bad event it finds.
 
 With --pin FILE it also checks the history against what you pinned last time
 (the keys you trust, the first seal, the last seal you verified): a cut tail
@@ -121,6 +124,9 @@ func printReport(w io.Writer, source string, r *audit.Report, pin *audit.Pin, pi
 		fmt.Fprintf(w, "last seal at %d covers up to %d; %d messages after it are not sealed yet\n", r.LastSeal.Seq, r.LastSeal.To, r.Unsealed)
 	} else {
 		fmt.Fprintf(w, "no seal: none of the %d messages is sealed\n", r.Unsealed)
+	}
+	if r.Signed+r.Unchecked > 0 {
+		fmt.Fprintf(w, "observations: %d signed by their hosts' keys, %d of hosts without a key (not checked)\n", r.Signed, r.Unchecked)
 	}
 	if bad, ok := r.FirstBad(); ok {
 		for _, p := range r.Problems {

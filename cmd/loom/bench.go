@@ -51,6 +51,10 @@ func newBenchCommand() *cobra.Command {
             replay that only decodes
   audit     loom audit verify and loom audit replay events/s over --events sealed events,
             against a raw ordered-consumer replay that only decodes; goal: at least 0.5 of it
+  signatures
+            what signed observations cost: an agent's reports/s (8 VMs at once, --sync and 2m),
+            a rebuild of the read models and loom audit verify over --events events of a fleet
+            whose hosts all sign, each against the same unsigned in the same run
   converge  command accepted -> agent observed converged, p50 and p99, with --vms VMs on the
             test driver
   memory    NATS server memory per 10,000 aggregates
@@ -80,10 +84,10 @@ checkpoint and migrate, and QEMU for checkpoint and migrate (run: ops/libvirt/in
 			return runBench(cmd.Context(), cfg, cmd.OutOrStdout())
 		},
 	}
-	cmd.Flags().StringVar(&cfg.only, "only", "", "run one part: create, lease, rebuild, audit, converge, memory, checkpoint or migrate")
+	cmd.Flags().StringVar(&cfg.only, "only", "", "run one part: create, lease, rebuild, audit, signatures, converge, memory, checkpoint or migrate")
 	cmd.Flags().IntVar(&cfg.clients, "clients", 16, "concurrent clients for create and lease")
 	cmd.Flags().DurationVar(&cfg.duration, "duration", 10*time.Second, "how long each throughput run lasts")
-	cmd.Flags().IntVar(&cfg.events, "events", 1_000_000, "events for rebuild and audit")
+	cmd.Flags().IntVar(&cfg.events, "events", 1_000_000, "events for rebuild, audit and signatures")
 	cmd.Flags().IntVar(&cfg.vms, "vms", 1000, "VMs for converge")
 	cmd.Flags().StringVar(&cfg.sync, "sync", "always", "embedded NATS durability for every part: always, or an fsync interval")
 	cmd.Flags().BoolVar(&cfg.keep, "keep", false, "keep the temporary directories")
@@ -104,6 +108,7 @@ func runBench(ctx context.Context, cfg benchConfig, w io.Writer) error {
 		{"lease", benchLease},
 		{"rebuild", benchRebuild},
 		{"audit", benchAudit},
+		{"signatures", benchSignatures},
 		{"converge", benchConverge},
 		{"memory", benchMemory},
 		{"checkpoint", benchCheckpoint},

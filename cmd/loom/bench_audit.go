@@ -37,7 +37,7 @@ func benchAudit(ctx context.Context, cfg benchConfig, dir string, w io.Writer) e
 	}
 	defer stop()
 	start := time.Now()
-	if _, err := projections.PublishHistory(ctx, js, cfg.events, 1); err != nil {
+	if _, err := projections.PublishHistory(ctx, js, cfg.events, 1, false); err != nil {
 		return fmt.Errorf("fill the stream: %w", err)
 	}
 	_, key, err := ed25519.GenerateKey(rand.Reader)

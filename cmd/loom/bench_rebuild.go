@@ -23,7 +23,7 @@ func benchRebuild(ctx context.Context, cfg benchConfig, dir string, w io.Writer)
 	}
 	defer stop()
 	start := time.Now()
-	if _, err := projections.PublishHistory(ctx, js, cfg.events, 1); err != nil {
+	if _, err := projections.PublishHistory(ctx, js, cfg.events, 1, false); err != nil {
 		return fmt.Errorf("fill the stream: %w", err)
 	}
 	fmt.Fprintf(w, "  filled %d events in %s (fsync every minute)\n", cfg.events, time.Since(start).Round(time.Millisecond))

@@ -11,7 +11,18 @@ func newHostCommand(flags *clientFlags) *cobra.Command {
 	flags.registerCommandFlags(cmd)
 	var reg events.RegisterHost
 	register := &cobra.Command{
-		Use: "register NAME --cpu N --mem MIB", Short: "Register a host and its capacity", Args: cobra.ExactArgs(1),
+		Use: "register NAME --cpu N --mem MIB [--key PUBLIC]", Short: "Register a host, its capacity and its key", Args: cobra.ExactArgs(1),
+		Long: `loom host register records a host and the capacity it offers. With --key, the
+public half of the host's key (what loom agent --host-key logs at start, and
+writes beside the key file as FILE.pub), every observation on the host's
+subjects must be signed by that key from then on: the read models flag and
+skip any that is not (unsigned, forged, or an old one published again), and
+loom audit verify names it. Without a key the host is in the legacy mode: its
+observations are taken from anyone who may publish on its subjects.
+
+Registering again with the same spec changes nothing. A host registered
+without a key may be given one by registering it again with --key; a key,
+once registered, cannot be changed or removed that way.`,
 		RunE: flags.withClient(func(cmd *cobra.Command, args []string, c *client) error {
 			reg.Name, reg.CommandID = args[0], c.newCommandID()
 			reply, err := c.command(cmd.Context(), events.KindHost, events.VerbRegister, &reg)
@@ -24,6 +35,7 @@ func newHostCommand(flags *clientFlags) *cobra.Command {
 	register.Flags().IntVar(&reg.CPU, "cpu", 0, "CPUs the host offers")
 	register.Flags().IntVar(&reg.MemoryMiB, "mem", 0, "memory the host offers, MiB")
 	register.Flags().StringVar(&reg.Address, "addr", "", "the host's tunnel endpoint address")
+	register.Flags().StringVar(&reg.Key, "key", "", "the public half of the host's key, U… (the agent's --host-key FILE.pub)")
 
 	cordon := func(uncordon bool) *cobra.Command {
 		verb, short := events.VerbCordon, "Stop placing new VMs on a host"

@@ -249,9 +249,18 @@ func printHosts(w io.Writer, hosts []events.HostView) error {
 		sort.Strings(orphans)
 		rows = append(rows, []string{h.Name, state,
 			fmt.Sprintf("%d/%d", h.UsedCPU, h.CPU), fmt.Sprintf("%d/%d", h.UsedMiB, h.MemoryMiB),
-			strconv.Itoa(h.VMs), orDash(strings.Join(orphans, ","))})
+			strconv.Itoa(h.VMs), orDash(strings.Join(orphans, ",")), keyShown(h.Key)})
 	}
-	return table(w, []string{"HOST", "STATE", "CPU USED", "MEM USED (MiB)", "VMS", "ORPHANS"}, rows)
+	return table(w, []string{"HOST", "STATE", "CPU USED", "MEM USED (MiB)", "VMS", "ORPHANS", "KEY"}, rows)
+}
+
+// keyShown is a host's key as tables show it: enough to tell keys apart
+// (-o json has it whole), or that the host's observations are unsigned.
+func keyShown(key string) string {
+	if key == "" {
+		return "none (unsigned)"
+	}
+	return key[:12] + "…"
 }
 
 func printImages(w io.Writer, images []events.ImageState) error {

@@ -16,6 +16,7 @@ import (
 	"github.com/loomctl/loom/events"
 	"github.com/loomctl/loom/events/audit"
 	"github.com/loomctl/loom/events/bus"
+	"github.com/loomctl/loom/events/hostkey"
 )
 
 // upConfig configures `loom up`.
@@ -105,6 +106,14 @@ func runUp(ctx context.Context, cfg upConfig, out io.Writer) error {
 	for i := range dirs {
 		dirs[i] = filepath.Join(dataDir, "hosts", hostName(i))
 	}
+	// Each host has its own key, kept under the data dir: its agent signs
+	// with it, and the host is registered with its public half.
+	keys := make([]*hostkey.Key, cfg.hosts)
+	for i := range keys {
+		if keys[i], _, err = hostkey.Ensure(hostKeyPath(dataDir, hostName(i))); err != nil {
+			return err
+		}
+	}
 	hosts, err := startSimHosts(ctx, dirs, 1, log)
 	if err != nil {
 		return err
@@ -125,6 +134,7 @@ func runUp(ctx context.Context, cfg upConfig, out io.Writer) error {
 		if err != nil {
 			return err
 		}
+		agent.HostKey = hostKeyPath(dataDir, name)
 		g.Go(func() error {
 			return plane.RunFencer(ctx, plane.FencerConfig{Host: name, Socket: socket, URI: kind.uri, Listen: fence}, log)
 		})
@@ -144,7 +154,7 @@ func runUp(ctx context.Context, cfg upConfig, out io.Writer) error {
 	}
 	defer clientConn.Close()
 	g.Go(func() error {
-		if err := registerFleet(ctx, clientConn, cfg, kind.image); err != nil {
+		if err := registerFleet(ctx, clientConn, cfg, dataDir, keys, kind.image); err != nil {
 			return err
 		}
 		printWhere(out, conn, cfg, dataDir, credsDir, sockets, kind)
@@ -160,9 +170,16 @@ func runUp(ctx context.Context, cfg upConfig, out io.Writer) error {
 
 func hostName(i int) string { return fmt.Sprintf("host-%d", i+1) }
 
-// registerFleet registers the simulated hosts and the demo image, with
-// command ids fixed per data dir, so running `loom up` again is a no-op.
-func registerFleet(ctx context.Context, conn *plane.Connection, cfg upConfig, img events.RegisterImage) error {
+// hostKeyPath is where `loom up` keeps a simulated host's key.
+func hostKeyPath(dataDir, host string) string {
+	return filepath.Join(dataDir, "host-keys", host+".nk")
+}
+
+// registerFleet registers the simulated hosts, each with its key, and the
+// demo image, with command ids fixed per data dir and key, so running
+// `loom up` again is a no-op (and gives a key to a host an older `loom up`
+// registered without one).
+func registerFleet(ctx context.Context, conn *plane.Connection, cfg upConfig, dataDir string, keys []*hostkey.Key, img events.RegisterImage) error {
 	c := &client{flags: &clientFlags{actor: "loom-up", timeout: 15 * time.Second}, nc: conn.Conn}
 	send := func(kind events.Kind, body any) error {
 		// The control plane may still be starting: retry while nobody serves.
@@ -172,9 +189,14 @@ func registerFleet(ctx context.Context, conn *plane.Connection, cfg upConfig, im
 		})
 	}
 	for i := 0; i < cfg.hosts; i++ {
-		reg := events.RegisterHost{CommandMeta: events.CommandMeta{CommandID: "up-register-" + hostName(i)},
-			Name: hostName(i), CPU: cfg.hostCPU, MemoryMiB: cfg.hostMiB}
+		public := keys[i].Public()
+		reg := events.RegisterHost{CommandMeta: events.CommandMeta{CommandID: "up-register-" + hostName(i) + "-" + public[1:13]},
+			Name: hostName(i), CPU: cfg.hostCPU, MemoryMiB: cfg.hostMiB, Key: public}
 		if err := send(events.KindHost, &reg); err != nil {
+			if errors.Is(err, events.Errorf(events.CodeHostExists, "")) {
+				return fmt.Errorf("register %s: %w (was its key %s replaced? restore it, or start from an empty --data-dir)",
+					reg.Name, err, hostKeyPath(dataDir, reg.Name))
+			}
 			return fmt.Errorf("register %s: %w", reg.Name, err)
 		}
 	}
@@ -201,6 +223,8 @@ func printWhere(w io.Writer, conn *plane.Connection, cfg upConfig, dataDir, cred
 	for i, s := range sockets {
 		fmt.Fprintf(w, "  %-10s  libvirtd %s (%s), %d CPU, %d MiB\n", hostName(i), s, kind.uri, cfg.hostCPU, cfg.hostMiB)
 	}
+	fmt.Fprintf(w, "  host keys   %s: each agent signs its observations; each host is registered with its key\n",
+		filepath.Join(dataDir, "host-keys", "<host>.nk"))
 	fmt.Fprintf(w, "  image       %s\n\nTry, in another shell:\n", kind.image.Name)
 	fmt.Fprintf(w, "  loom vm create web-1 --image %s --cpu 1 --mem 256 --wait 60s\n  loom vm get web-1\n  loom events tail\n\nCtrl-C stops everything.\n", kind.image.Name)
 }

@@ -10,6 +10,11 @@
 // commitment to every message up to it: any change, removal or reordering
 // before it changes every root after it.
 //
+// The Verifier also checks what seals cannot: that each observation of a
+// host registered with a key was signed by that host's agent for its place
+// in its subject (verify_obs.go), so that a message someone else published
+// on a host's subjects is named even though it was sealed like any other.
+//
 // A hash chain, not a Merkle tree: an auditor here reads every message
 // anyway (each event's PrevHash and every seal are checked), so the
 // logarithmic inclusion and consistency proofs of a Certificate

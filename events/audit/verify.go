@@ -8,8 +8,10 @@ import (
 	"slices"
 	"sort"
 	"strconv"
+	"strings"
 
 	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/hostkey"
 )
 
 // Header names the verifier reads from stored messages.
@@ -17,6 +19,9 @@ const (
 	headerExpectedSeq     = "Nats-Expected-Last-Subject-Sequence"
 	headerExpectedSubject = "Nats-Expected-Last-Subject-Sequence-Subject"
 )
+
+// hostSubjectPrefix starts the decision subjects of hosts.
+var hostSubjectPrefix = events.EventSubject(events.KindHost, "")
 
 // maxProblems bounds the problems a Report lists; the rest are counted.
 const maxProblems = 100
@@ -62,6 +67,10 @@ type Report struct {
 	// Unsealed counts the messages after the last seal's To: not yet
 	// covered by any seal.
 	Unsealed uint64
+	// Signed counts the observations whose signature verified with their
+	// host's key; Unchecked those of hosts that had no key when they were
+	// stored (the legacy mode), which nothing vouches for.
+	Signed, Unchecked uint64
 	// Problems lists the problems found, in the order found; Dropped
 	// counts those beyond the first maxProblems.
 	Problems []Problem
@@ -114,8 +123,9 @@ type pending struct {
 // that no sequence is missing, that each event's PrevHash is the hash of
 // the previous event on its subject and its expected-sequence header names
 // that event, that every seal is signed by a trusted key, follows the seal
-// before it and signs the running root of what it covers, and that the
-// history holds what the pin recorded. It never stops at a problem: it
+// before it and signs the running root of what it covers, that every
+// observation of a host registered with a key is signed by it for its
+// place (verify_obs.go), and that the history holds what the pin recorded. It never stops at a problem: it
 // records it and reads on, so one tampering does not hide another.
 type Verifier struct {
 	keys map[string]ed25519.PublicKey
@@ -134,6 +144,10 @@ type Verifier struct {
 	sealed     SealRef
 	reachedPin bool
 	report     Report
+	// hostKeys are the keys hosts are registered with so far, by host.
+	hostKeys map[string]hostKey
+	// sigs checks observations' signatures.
+	sigs *hostkey.Verifier
 	// env is reused from one message to the next.
 	env events.Envelope
 	// unsafeSkipRoots switches the seals' root check off, for the test
@@ -144,7 +158,8 @@ type Verifier struct {
 // NewVerifier returns a Verifier that trusts keys (by KeyID), and checks
 // the history against pin unless it is nil.
 func NewVerifier(keys []ed25519.PublicKey, pin *Pin) *Verifier {
-	v := &Verifier{keys: map[string]ed25519.PublicKey{}, pin: pin, x: NewHasher(), heads: map[string]head{}}
+	v := &Verifier{keys: map[string]ed25519.PublicKey{}, pin: pin, x: NewHasher(), heads: map[string]head{},
+		hostKeys: map[string]hostKey{}, sigs: hostkey.NewVerifier()}
 	for _, k := range keys {
 		v.keys[KeyID(k)] = k
 	}
@@ -179,6 +194,14 @@ func (v *Verifier) Add(m *Message) {
 	if err := events.Unmarshal(m.Data, env); err != nil {
 		v.problem(m.Seq, m.Subject, events.CodeCorruptEvent, "not a Loom envelope: %v", err)
 		return
+	}
+	switch {
+	case strings.HasPrefix(m.Subject, observationPrefix):
+		if !v.observation(m, env, &hash) {
+			return // the message is the bad one, not the one before it
+		}
+	case strings.HasPrefix(m.Subject, hostSubjectPrefix):
+		v.learnKey(m, env)
 	}
 	v.link(m, env)
 	if m.Subject == events.AuditSealSubject {

@@ -66,12 +66,25 @@ type Expect struct {
 
 // AppendExpecting is Append with the check spelled out.
 func AppendExpecting(ctx context.Context, js jetstream.Publisher, subject string, env *events.Envelope, data []byte, expect Expect, msgID string) (Appended, error) {
+	return AppendMsg(ctx, js, EventMsg(subject, env, data, msgID), env, expect)
+}
+
+// EventMsg is the message that stores a sealed event on subject: its
+// bytes, its type and version in headers, and msgID (if not empty) for
+// deduplication. Add headers of your own (an agent's signature), then
+// AppendMsg it.
+func EventMsg(subject string, env *events.Envelope, data []byte, msgID string) *nats.Msg {
 	msg := &nats.Msg{Subject: subject, Data: data, Header: nats.Header{}}
 	msg.Header.Set(events.HeaderType, string(env.Type))
 	msg.Header.Set(events.HeaderVersion, strconv.Itoa(env.Version))
 	if msgID != "" {
 		msg.Header.Set(jetstream.MsgIDHeader, msgID)
 	}
+	return msg
+}
+
+// AppendMsg stores msg, an EventMsg of env, only if expect holds.
+func AppendMsg(ctx context.Context, js jetstream.Publisher, msg *nats.Msg, env *events.Envelope, expect Expect) (Appended, error) {
 	a, err := PublishExpecting(ctx, js, msg, expect)
 	if err != nil {
 		return Appended{}, fmt.Errorf("append %s: %w", env.Type, err)

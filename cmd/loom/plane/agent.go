@@ -9,12 +9,17 @@ import (
 
 	"github.com/loomctl/loom/agents"
 	"github.com/loomctl/loom/agents/libvirt"
+	"github.com/loomctl/loom/events/hostkey"
 )
 
 // AgentConfig configures one host agent.
 type AgentConfig struct {
 	// Host is the name the agent acts for.
 	Host string
+	// HostKey is the file of the host's key, which signs every observation
+	// the agent publishes; it is made (mode 0600, its public half beside
+	// it) if missing. Empty signs nothing: the legacy mode.
+	HostKey string
 	// Socket is libvirtd's read-write unix socket; URI picks its driver.
 	Socket, URI string
 	// Simulated says the host is libvirt's test driver, as loom up and the
@@ -57,6 +62,10 @@ type AgentConfig struct {
 // RunAgent runs a host agent until ctx ends. It dials libvirtd again
 // whenever the connection is lost.
 func RunAgent(ctx context.Context, conn *Connection, cfg AgentConfig, log *slog.Logger) error {
+	key, err := loadHostKey(cfg, log)
+	if err != nil {
+		return err
+	}
 	lv := libvirt.Config{Socket: cfg.Socket, URI: cfg.URI}
 	if cfg.Simulated {
 		held, err := libvirt.Dial(ctx, lv)
@@ -73,7 +82,7 @@ func RunAgent(ctx context.Context, conn *Connection, cfg AgentConfig, log *slog.
 		}
 	}
 	agent, err := agents.New(agents.Config{
-		Host: cfg.Host, Conn: conn.Conn, JS: conn.JS,
+		Host: cfg.Host, HostKey: key, Conn: conn.Conn, JS: conn.JS,
 		Dial: func(ctx context.Context) (agents.Hypervisor, error) {
 			c, err := libvirt.Dial(ctx, lv)
 			if err != nil {
@@ -105,6 +114,23 @@ func RunAgent(ctx context.Context, conn *Connection, cfg AgentConfig, log *slog.
 		return nil
 	}
 	return err
+}
+
+// loadHostKey loads the host's key, making it if missing, and says which
+// public key the host must be registered with. Nil without a key file.
+func loadHostKey(cfg AgentConfig, log *slog.Logger) (*hostkey.Key, error) {
+	if cfg.HostKey == "" {
+		log.Warn("no --host-key: this agent's observations are not signed, and are flagged once the host is registered with a key",
+			"host", cfg.Host)
+		return nil, nil
+	}
+	key, created, err := hostkey.Ensure(cfg.HostKey)
+	if err != nil {
+		return nil, fmt.Errorf("agent %s: %w", cfg.Host, err)
+	}
+	log.Info("signing observations with the host key", "host", cfg.Host, "file", cfg.HostKey, "public", key.Public(), "created", created,
+		"register", "loom host register "+cfg.Host+" --key "+key.Public())
+	return key, nil
 }
 
 // testDomain is the domain libvirt's test:///default driver starts with.
