@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/loomctl/loom/cmd/loom/plane"
 	"github.com/loomctl/loom/events"
 	"github.com/loomctl/loom/events/audit"
 	"github.com/loomctl/loom/events/bus"
@@ -38,7 +39,7 @@ func TestCLI_SignedObservations(t *testing.T) {
 	url := startUp(t, dir, "--seal-every", "100ms")
 	loom := func(args ...string) (string, error) {
 		var out lockedBuffer
-		err := execute(t.Context(), &out, append([]string{"--nats", url}, args...)...)
+		err := execute(t.Context(), &out, append([]string{"--nats", url, "--creds", filepath.Join(dir, "creds")}, args...)...)
 		return out.String(), err
 	}
 	must := func(args ...string) string {
@@ -86,8 +87,15 @@ func TestCLI_SignedObservations(t *testing.T) {
 		}
 	}
 
-	// The attacks, on real NATS, as anyone allowed to publish there.
-	nc, err := nats.Connect(url)
+	// The attacks, on real NATS, as anyone allowed to publish there: the
+	// bus's permissions are the first line (they keep other identities
+	// off the host's subjects); the signatures hold against one that gets
+	// past them, here the admin.
+	opts, err := plane.AccessIn(filepath.Join(dir, "creds"), "admin").Options()
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc, err := nats.Connect(url, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
