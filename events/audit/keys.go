@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 
 	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/secretfile"
 )
 
 // sealDomain separates what a seal signs from any other signed bytes.
@@ -87,7 +88,7 @@ func EnsureKey(path string) (key ed25519.PrivateKey, created bool, err error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, false, err
 	}
-	if err := writeNew(path, pem.EncodeToMemory(&pem.Block{Type: pemPrivate, Bytes: der}), 0o600); err != nil {
+	if err := secretfile.WriteNew(path, pem.EncodeToMemory(&pem.Block{Type: pemPrivate, Bytes: der}), 0o600); err != nil {
 		return nil, false, err
 	}
 	pub := pem.EncodeToMemory(&pem.Block{Type: pemPublic, Bytes: pubDER})
@@ -97,34 +98,14 @@ func EnsureKey(path string) (key ed25519.PrivateKey, created bool, err error) {
 	return key, true, nil
 }
 
-// writeNew writes a file that must not exist yet, and syncs it.
-func writeNew(path string, data []byte, mode os.FileMode) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		_ = f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		_ = f.Close()
-		return err
-	}
-	return f.Close()
-}
-
 // LoadPrivateKey reads an ed25519 private key in PKCS #8 PEM. It refuses a
 // file that others than its owner may read.
 func LoadPrivateKey(path string) (ed25519.PrivateKey, error) {
-	info, err := os.Stat(path)
+	data, err := secretfile.Read(path, "seal key")
 	if err != nil {
 		return nil, err
 	}
-	if info.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("seal key %s: mode %v lets others read it; chmod 600 it", path, info.Mode().Perm())
-	}
-	block, err := readPEM(path)
+	block, err := decodePEM(path, data)
 	if err != nil {
 		return nil, err
 	}
@@ -171,6 +152,10 @@ func readPEM(path string) (*pem.Block, error) {
 	if err != nil {
 		return nil, err
 	}
+	return decodePEM(path, data)
+}
+
+func decodePEM(path string, data []byte) (*pem.Block, error) {
 	block, rest := pem.Decode(data)
 	if block == nil {
 		return nil, fmt.Errorf("%s: no PEM block", path)

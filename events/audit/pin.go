@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+
+	"github.com/loomctl/loom/events/secretfile"
 )
 
 // pinVersion is the version of the pin file's format.
@@ -70,7 +72,7 @@ func (p *Pin) Save(path string) error {
 	}
 	tmp := path + ".tmp"
 	_ = os.Remove(tmp)
-	if err := writeNew(tmp, append(data, '\n'), 0o644); err != nil {
+	if err := secretfile.WriteNew(tmp, append(data, '\n'), 0o644); err != nil {
 		return err
 	}
 	if err := os.Rename(tmp, path); err != nil {

@@ -36,8 +36,9 @@
 // The signer's key in a header is only a hint for a reader that verifies
 // ahead of time: what counts is the key the host is registered with.
 //
-// This package imports nothing of Loom's, so that package events can check
-// keys with it; it is the only importer of nkeys.
+// This package imports nothing of Loom's but events/secretfile (which
+// imports nothing), so that package events can check keys with it; it is
+// the only importer of nkeys.
 package hostkey
 
 import (
@@ -52,6 +53,8 @@ import (
 	"path/filepath"
 
 	"github.com/nats-io/nkeys"
+
+	"github.com/loomctl/loom/events/secretfile"
 )
 
 // Domain starts every message a host key signs for Loom. Its first byte,
@@ -208,7 +211,7 @@ func Ensure(path string) (key *Key, created bool, err error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, false, err
 	}
-	if err := writeNew(path, append(bytes.Clone(key.seed), '\n'), 0o600); err != nil {
+	if err := secretfile.WriteNew(path, append(bytes.Clone(key.seed), '\n'), 0o600); err != nil {
 		return nil, false, fmt.Errorf("host key %s: %w", path, err)
 	}
 	if err := os.WriteFile(PublicPath(path), []byte(key.public+"\n"), 0o644); err != nil {
@@ -221,14 +224,7 @@ func Ensure(path string) (key *Key, created bool, err error) {
 // file holding one. It refuses a file that others than its owner may read
 // or write.
 func Load(path string) (*Key, error) {
-	info, err := os.Stat(path)
-	if err != nil {
-		return nil, err
-	}
-	if info.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("host key %s: mode %v lets others read it; chmod 600 it", path, info.Mode().Perm())
-	}
-	data, err := os.ReadFile(path)
+	data, err := secretfile.Read(path, "host key")
 	if err != nil {
 		return nil, err
 	}
@@ -238,23 +234,6 @@ func Load(path string) (*Key, error) {
 		return nil, fmt.Errorf("host key %s: %w", path, err)
 	}
 	return key, nil
-}
-
-// writeNew writes a file that must not exist yet, and syncs it.
-func writeNew(path string, data []byte, mode os.FileMode) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		_ = f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		_ = f.Close()
-		return err
-	}
-	return f.Close()
 }
 
 // maxCachedKeys bounds the public keys a Verifier keeps parsed. The keys

@@ -18,6 +18,7 @@ import (
 	"github.com/nats-io/nkeys"
 
 	"github.com/loomctl/loom/events/bus"
+	"github.com/loomctl/loom/events/secretfile"
 )
 
 // Credentials on disk. A directory holds one nkey seed per identity,
@@ -68,7 +69,7 @@ func InitCreds(dir string, hosts []string) ([]string, error) {
 		if err != nil {
 			return nil, err
 		}
-		if err := writeSecret(path, append(seed, '\n')); err != nil {
+		if err := secretfile.WriteNew(path, append(seed, '\n'), 0o600); err != nil {
 			return nil, err
 		}
 		made = append(made, name)
@@ -85,22 +86,6 @@ func InitCreds(dir string, hosts []string) ([]string, error) {
 		return nil, err
 	}
 	return made, nil
-}
-
-func writeSecret(path string, data []byte) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		_ = f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		_ = f.Close()
-		return err
-	}
-	return f.Close()
 }
 
 // scanSeeds reads the identity of every seed in dir, sorted by name.
@@ -170,16 +155,9 @@ func LoadIdentities(dir string) ([]bus.Identity, error) {
 // loadSeed reads a seed file, refusing one that others than its owner may
 // read. No error says what the seed is.
 func loadSeed(path string) (nkeys.KeyPair, error) {
-	info, err := os.Stat(path)
+	data, err := secretfile.Read(path, "credentials")
 	if err != nil {
-		return nil, fmt.Errorf("credentials: %w", err)
-	}
-	if info.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("credentials %s: mode %v lets others read it; chmod 600 it", path, info.Mode().Perm())
-	}
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("credentials: %w", err)
+		return nil, err
 	}
 	kp, err := nkeys.FromSeed([]byte(strings.TrimSpace(string(data))))
 	if err != nil {

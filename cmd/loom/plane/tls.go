@@ -16,6 +16,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/loomctl/loom/events/secretfile"
 )
 
 // TLS files beside the credentials: a CA that signs the server's
@@ -116,7 +118,7 @@ func InitTLS(dir string, names []string) (made bool, err error) {
 		path := filepath.Join(dir, f.name)
 		if f.secret {
 			_ = os.Remove(path)
-			err = writeSecret(path, data)
+			err = secretfile.WriteNew(path, data, 0o600)
 		} else {
 			err = os.WriteFile(path, data, 0o644)
 		}
