@@ -37,8 +37,7 @@
 // ahead of time: what counts is the key the host is registered with.
 //
 // This package imports nothing of Loom's but events/secretfile (which
-// imports nothing), so that package events can check keys with it; it is
-// the only importer of nkeys.
+// imports nothing), so that package events can check keys with it.
 package hostkey
 
 import (
