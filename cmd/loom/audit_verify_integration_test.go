@@ -26,24 +26,8 @@ import (
 // the issue lists, fail and name the first bad event; the untouched
 // original passes with the same pin; a wrong key fails loudly.
 func TestCLI_AuditVerify_CatchesDoctoredCopies(t *testing.T) {
-	dir, err := shortTempDir(t)
-	if err != nil {
-		t.Fatal(err)
-	}
-	url := startUp(t, dir, "--seal-every", "100ms")
-	loom := func(args ...string) (string, error) {
-		var out lockedBuffer
-		err := execute(t.Context(), &out, append([]string{"--nats", url, "--creds", filepath.Join(dir, "creds")}, args...)...)
-		return out.String(), err
-	}
-	must := func(args ...string) string {
-		t.Helper()
-		out, err := loom(args...)
-		if err != nil {
-			t.Fatalf("loom %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-		return out
-	}
+	fleet := startFleet(t)
+	dir, loom, must := fleet.dir, fleet.loom, fleet.must
 	pub := filepath.Join(dir, "seal.pub")
 	pin := filepath.Join(dir, "auditor", "pin.json")
 	if err := os.MkdirAll(filepath.Dir(pin), 0o700); err != nil {
@@ -151,6 +135,39 @@ func TestCLI_AuditVerify_CatchesDoctoredCopies(t *testing.T) {
 	if !errors.As(err, &fault) || fault.Code != events.CodeUnknownKey {
 		t.Fatalf("verify with the wrong key: %v\n%s", err, out)
 	}
+}
+
+// fleet is a loom up of two simulated hosts that seals every 100 ms, and
+// the verbs against it with its credentials.
+type fleet struct {
+	t        *testing.T
+	dir, url string
+}
+
+func startFleet(t *testing.T) *fleet {
+	t.Helper()
+	dir, err := shortTempDir(t)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &fleet{t: t, dir: dir, url: startUp(t, dir, "--seal-every", "100ms")}
+}
+
+// loom runs a verb and returns what it printed.
+func (f *fleet) loom(args ...string) (string, error) {
+	var out lockedBuffer
+	err := execute(f.t.Context(), &out, append([]string{"--nats", f.url, "--creds", filepath.Join(f.dir, "creds")}, args...)...)
+	return out.String(), err
+}
+
+// must runs a verb that must succeed.
+func (f *fleet) must(args ...string) string {
+	f.t.Helper()
+	out, err := f.loom(args...)
+	if err != nil {
+		f.t.Fatalf("loom %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return out
 }
 
 // startUp runs loom up with two simulated hosts in dir until the test

@@ -32,24 +32,8 @@ import (
 // converges), loom audit verify names each with its code and sequence, and
 // loom audit replay lists them as flagged.
 func TestCLI_SignedObservations(t *testing.T) {
-	dir, err := shortTempDir(t)
-	if err != nil {
-		t.Fatal(err)
-	}
-	url := startUp(t, dir, "--seal-every", "100ms")
-	loom := func(args ...string) (string, error) {
-		var out lockedBuffer
-		err := execute(t.Context(), &out, append([]string{"--nats", url, "--creds", filepath.Join(dir, "creds")}, args...)...)
-		return out.String(), err
-	}
-	must := func(args ...string) string {
-		t.Helper()
-		out, err := loom(args...)
-		if err != nil {
-			t.Fatalf("loom %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-		return out
-	}
+	fleet := startFleet(t)
+	dir, url, loom, must := fleet.dir, fleet.url, fleet.loom, fleet.must
 
 	// Every host is registered with the key its agent signs with.
 	keys := map[string]*hostkey.Key{}
