@@ -493,21 +493,8 @@ func TestAgent_ObservationConflict(t *testing.T) {
 	waitObserved(t, s.bus.JS, "h1", "vm1", 10, events.ObservedRunning)
 
 	// Someone else (a second agent for h1) appends to the VM's subject.
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
 	subject := vmSubject("h1", "vm1")
-	last, err := bus.LastOnSubject(ctx, s.bus.Conn, events.StreamEvents, subject)
-	if err != nil {
-		t.Fatal(err)
-	}
-	foreign := events.VMObserved{UID: uid, Incarnation: 10, State: events.ObservedStopped, Unrequested: true}
-	env, data, err := events.Seal(foreign, events.KindVM, "vm1", events.Origin{Actor: "agent:h1", Time: time.Now()}, 0, events.Hash(last.Data))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := bus.Append(ctx, s.bus.JS, subject, &env, data, last.Seq, ""); err != nil {
-		t.Fatal(err)
-	}
+	appendForeign(t, s, uid)
 
 	publishGoal(t, s.bus.JS, goalOf("h1", "vm1", uid, events.DesiredPaused, 20))
 	waitObserved(t, s.bus.JS, "h1", "vm1", 20, events.ObservedPaused)
@@ -699,4 +686,28 @@ func killAndRestart(t *testing.T, b *bustest.Bus, host string, before []events.G
 		t.Fatalf("%s: domain is %s, want %s", host, got, want)
 	}
 	return killed
+}
+
+// appendForeign appends, unsigned, a report that vm1 on h1 (at
+// incarnation 10) stopped, as someone else than the agent would: the next
+// message on the VM's subject. It returns where it landed.
+func appendForeign(t *testing.T, s *fakeSetup, uid string) bus.Appended {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	subject := vmSubject("h1", "vm1")
+	last, err := bus.LastOnSubject(ctx, s.bus.Conn, events.StreamEvents, subject)
+	if err != nil {
+		t.Fatal(err)
+	}
+	foreign := events.VMObserved{UID: uid, Incarnation: 10, State: events.ObservedStopped, Unrequested: true}
+	env, data, err := events.Seal(foreign, events.KindVM, "vm1", events.Origin{Actor: "agent:h1", Time: time.Now()}, 0, events.Hash(last.Data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	at, err := bus.Append(ctx, s.bus.JS, subject, &env, data, last.Seq, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return at
 }

@@ -34,22 +34,10 @@ func TestAgent_SignsEveryObservation(t *testing.T) {
 
 	// Someone else appends to the VM's subject, unsigned: the agent's next
 	// observation follows it, signed at its new place.
+	subject := vmSubject("h1", "vm1")
+	foreignAt := appendForeign(t, s, uid)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	subject := vmSubject("h1", "vm1")
-	last, err := bus.LastOnSubject(ctx, s.bus.Conn, events.StreamEvents, subject)
-	if err != nil {
-		t.Fatal(err)
-	}
-	foreign := events.VMObserved{UID: uid, Incarnation: 10, State: events.ObservedStopped, Unrequested: true}
-	env, data, err := events.Seal(foreign, events.KindVM, "vm1", events.Origin{Actor: "agent:h1", Time: time.Now()}, 0, events.Hash(last.Data))
-	if err != nil {
-		t.Fatal(err)
-	}
-	foreignAt, err := bus.Append(ctx, s.bus.JS, subject, &env, data, last.Seq, "")
-	if err != nil {
-		t.Fatal(err)
-	}
 	publishGoal(t, s.bus.JS, goalOf("h1", "vm1", uid, events.DesiredPaused, 20))
 	waitObserved(t, s.bus.JS, "h1", "vm1", 20, events.ObservedPaused)
 

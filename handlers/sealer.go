@@ -211,10 +211,29 @@ func (s *Sealer) seal(ctx context.Context, last lastSeal, chain *audit.Chain) (l
 	return lastSeal{seq: a.Seq, hash: events.Hash(data), to: sealed.To, root: chain.Root}, nil
 }
 
+// LastSeal reads the last seal through the stream leader: its stream
+// sequence, stored bytes and content. bus.ErrNoMessage means there is none
+// yet.
+func LastSeal(ctx context.Context, nc *nats.Conn) (seq uint64, data []byte, sealed events.AuditSealed, err error) {
+	msg, err := bus.LastOnSubject(ctx, nc, events.StreamEvents, events.AuditSealSubject)
+	if err != nil {
+		return 0, nil, sealed, err
+	}
+	rec, err := events.DecodeRecord(msg.Seq, msg.Subject, msg.Time, msg.Data)
+	if err != nil {
+		return 0, nil, sealed, fmt.Errorf("the last seal: %w", err)
+	}
+	sealed, ok := rec.Event.(events.AuditSealed)
+	if !ok || len(sealed.Root) != len(audit.Hash{}) {
+		return 0, nil, sealed, fmt.Errorf("the last message on %s (seq %d) is not a seal", events.AuditSealSubject, msg.Seq)
+	}
+	return msg.Seq, msg.Data, sealed, nil
+}
+
 // load reads the last seal through the stream leader; with none, the
 // chain starts before the stream's first message.
 func (s *Sealer) load(ctx context.Context) (lastSeal, error) {
-	msg, err := bus.LastOnSubject(ctx, s.cfg.Conn, events.StreamEvents, events.AuditSealSubject)
+	seq, data, sealed, err := LastSeal(ctx, s.cfg.Conn)
 	if errors.Is(err, bus.ErrNoMessage) {
 		stream, err := s.cfg.JS.Stream(ctx, events.StreamEvents)
 		if err != nil {
@@ -229,13 +248,5 @@ func (s *Sealer) load(ctx context.Context) (lastSeal, error) {
 	if err != nil {
 		return lastSeal{}, err
 	}
-	rec, err := events.DecodeRecord(msg.Seq, msg.Subject, msg.Time, msg.Data)
-	if err != nil {
-		return lastSeal{}, fmt.Errorf("the last seal: %w", err)
-	}
-	sealed, ok := rec.Event.(events.AuditSealed)
-	if !ok || len(sealed.Root) != len(audit.Hash{}) {
-		return lastSeal{}, fmt.Errorf("the last message on %s (seq %d) is not a seal", events.AuditSealSubject, msg.Seq)
-	}
-	return lastSeal{seq: msg.Seq, hash: events.Hash(msg.Data), to: sealed.To, root: audit.Hash(sealed.Root)}, nil
+	return lastSeal{seq: seq, hash: events.Hash(data), to: sealed.To, root: audit.Hash(sealed.Root)}, nil
 }

@@ -94,15 +94,8 @@ func verifyStream(t *testing.T, b *bustest.Bus, key ed25519.PrivateKey) *audit.R
 
 // lastSeal is where the last seal is and what it covers up to.
 func lastSeal(t *testing.T, b *bustest.Bus) (seq, to uint64, err error) {
-	msg, err := bus.LastOnSubject(t.Context(), b.Conn, events.StreamEvents, events.AuditSealSubject)
-	if err != nil {
-		return 0, 0, err
-	}
-	rec, err := events.DecodeRecord(msg.Seq, msg.Subject, msg.Time, msg.Data)
-	if err != nil {
-		return 0, 0, err
-	}
-	return msg.Seq, rec.Event.(events.AuditSealed).To, nil
+	seq, _, sealed, err := handlers.LastSeal(t.Context(), b.Conn)
+	return seq, sealed.To, err
 }
 
 // sealedTo waits until a seal covers upTo.

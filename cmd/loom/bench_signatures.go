@@ -135,13 +135,10 @@ func benchSignedHistories(ctx context.Context, cfg benchConfig, dir string) (uns
 	var runs [2]signatureRun
 	for i, sign := range []bool{false, true} {
 		var stop func()
-		if js[i], stop, err = readBenchBus(ctx, cfg, filepath.Join(dir, fmt.Sprintf("history-%d", i))); err != nil {
+		if js[i], stop, runs[i].events, err = historyBus(ctx, cfg, filepath.Join(dir, fmt.Sprintf("history-%d", i)), sign, io.Discard); err != nil {
 			return unsigned, signed, err
 		}
 		defer stop()
-		if runs[i].events, err = projections.PublishHistory(ctx, js[i], cfg.events, 1, sign); err != nil {
-			return unsigned, signed, fmt.Errorf("fill the stream: %w", err)
-		}
 	}
 	for round := range historyRounds {
 		for i, sign := range []bool{false, true} {

@@ -2,6 +2,7 @@ package audit
 
 import (
 	"bytes"
+	"cmp"
 	"crypto/ed25519"
 	"crypto/sha256"
 	"fmt"
@@ -93,18 +94,8 @@ func (r *Report) FirstBad() (Problem, bool) {
 			}
 			return 1
 		}
-		return cmpUint(a.Seq, b.Seq)
+		return cmp.Compare(a.Seq, b.Seq)
 	}), true
-}
-
-func cmpUint(a, b uint64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // head is where a subject stands in the history read so far.

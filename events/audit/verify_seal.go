@@ -2,7 +2,9 @@ package audit
 
 import (
 	"bytes"
+	"cmp"
 	"fmt"
+	"maps"
 	"slices"
 
 	"github.com/loomctl/loom/events"
@@ -34,7 +36,7 @@ func (v *Verifier) seal(m *Message, env *events.Envelope, hash []byte) {
 	if v.sealed.Seq != 0 {
 		from = v.sealed.To + 1
 	}
-	i, found := slices.BinarySearchFunc(v.pending, s.To, func(p pending, seq uint64) int { return cmpUint(p.seq, seq) })
+	i, found := slices.BinarySearchFunc(v.pending, s.To, func(p pending, seq uint64) int { return cmp.Compare(p.seq, seq) })
 	matched := false
 	switch {
 	case s.From != from || s.To < s.From || s.To >= m.Seq:
@@ -55,7 +57,7 @@ func (v *Verifier) signed(seq uint64, s *events.AuditSealed, prevHash []byte) bo
 	key, known := v.keys[s.KeyID]
 	switch {
 	case !known:
-		v.problem(seq, events.AuditSealSubject, events.CodeUnknownKey, "signed by key %s, but the keys given are %v: give its public key with --key", s.KeyID, keyIDs(v.keys))
+		v.problem(seq, events.AuditSealSubject, events.CodeUnknownKey, "signed by key %s, but the keys given are %v: give its public key with --key", s.KeyID, slices.Sorted(maps.Keys(v.keys)))
 		return false
 	case v.pin != nil && !slices.Contains(v.pin.Keys, s.KeyID):
 		v.problem(seq, events.AuditSealSubject, events.CodeUnknownKey, "signed by key %s, which the pin does not trust (it trusts %v)", s.KeyID, v.pin.Keys)
@@ -114,13 +116,4 @@ func (v *Verifier) Finish() *Report {
 		r.Unsealed = r.Messages
 	}
 	return r
-}
-
-func keyIDs[V any](m map[string]V) []string {
-	ids := make([]string, 0, len(m))
-	for id := range m {
-		ids = append(ids, id)
-	}
-	slices.Sort(ids)
-	return ids
 }

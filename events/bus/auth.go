@@ -2,6 +2,7 @@ package bus
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -52,7 +53,7 @@ func (id Identity) Name() string {
 // Validate checks the identity's role, host and key.
 func (id Identity) Validate() error {
 	switch {
-	case !knownRole(id.Role):
+	case !slices.Contains(Roles, id.Role):
 		return fmt.Errorf("identity %q: unknown role %q", id.Key, id.Role)
 	case (id.Role == RoleAgent) != (id.Host != ""):
 		return fmt.Errorf("identity %s: an agent names its host, and only an agent does", id.Name())
@@ -62,15 +63,6 @@ func (id Identity) Validate() error {
 		return fmt.Errorf("identity %s: %q is not an nkey user public key", id.Name(), id.Key)
 	}
 	return nil
-}
-
-func knownRole(r Role) bool {
-	for _, known := range Roles {
-		if r == known {
-			return true
-		}
-	}
-	return false
 }
 
 func validToken(s string) bool {

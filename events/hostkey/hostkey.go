@@ -156,6 +156,13 @@ func FromSeed(data []byte) (*Key, error) {
 // Public is the key's public half, "U…".
 func (k *Key) Public() string { return k.public }
 
+// SignNonce signs a NATS server's connect nonce, which proves the key's
+// identity to the server (nats.Nkey). A nonce is a UTF-8 string and so can
+// never pass for an observation's signed bytes, which start with Domain.
+func (k *Key) SignNonce(nonce []byte) ([]byte, error) {
+	return ed25519.Sign(k.private, nonce), nil
+}
+
 // Sign signs an observation appended to subject after the message at
 // prevSeq (see Message), whose stored bytes hash to digest, and returns
 // the signature as a header value.

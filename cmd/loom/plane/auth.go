@@ -4,9 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -15,9 +13,9 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nkeys"
 
 	"github.com/loomctl/loom/events/bus"
+	"github.com/loomctl/loom/events/hostkey"
 	"github.com/loomctl/loom/events/secretfile"
 )
 
@@ -55,24 +53,15 @@ func InitCreds(dir string, hosts []string) ([]string, error) {
 	}
 	var made []string
 	for _, name := range names {
-		path := CredsFile(dir, name)
-		if _, err := os.Stat(path); err == nil {
-			continue
-		} else if !errors.Is(err, fs.ErrNotExist) {
-			return nil, err
-		}
-		kp, err := nkeys.CreateUser()
+		// An identity's seed is the same kind of key a host signs with
+		// (an nkey user seed), made and kept the same way.
+		_, created, err := hostkey.Ensure(CredsFile(dir, name))
 		if err != nil {
 			return nil, err
 		}
-		seed, err := kp.Seed()
-		if err != nil {
-			return nil, err
+		if created {
+			made = append(made, name)
 		}
-		if err := secretfile.WriteNew(path, append(seed, '\n'), 0o600); err != nil {
-			return nil, err
-		}
-		made = append(made, name)
 	}
 	ids, err := scanSeeds(dir)
 	if err != nil {
@@ -106,18 +95,18 @@ func scanSeeds(dir string) ([]bus.Identity, error) {
 	return ids, nil
 }
 
-// readCreds reads the identity a seed file holds, and its key pair.
-func readCreds(path string) (bus.Identity, nkeys.KeyPair, error) {
+// readCreds reads the identity a seed file holds, and its key.
+func readCreds(path string) (bus.Identity, *hostkey.Key, error) {
 	id, err := identityOf(path)
 	if err != nil {
 		return id, nil, err
 	}
-	kp, err := loadSeed(path)
+	key, err := loadSeed(path)
 	if err != nil {
 		return id, nil, err
 	}
-	id.Key, err = kp.PublicKey()
-	return id, kp, err
+	id.Key = key.Public()
+	return id, key, nil
 }
 
 // identityOf is the role and host a seed file's name says.
@@ -154,27 +143,28 @@ func LoadIdentities(dir string) ([]bus.Identity, error) {
 
 // loadSeed reads a seed file, refusing one that others than its owner may
 // read. No error says what the seed is.
-func loadSeed(path string) (nkeys.KeyPair, error) {
+func loadSeed(path string) (*hostkey.Key, error) {
 	data, err := secretfile.Read(path, "credentials")
 	if err != nil {
 		return nil, err
 	}
-	kp, err := nkeys.FromSeed([]byte(strings.TrimSpace(string(data))))
+	defer clear(data)
+	key, err := hostkey.FromSeed(data)
 	if err != nil {
 		return nil, fmt.Errorf("credentials %s: not an nkey user seed", path)
 	}
-	return kp, nil
+	return key, nil
 }
 
 // CredsOptions are the connect options of the identity in the seed file
 // at path: its nkey, and its own inbox prefix, which its permissions
 // require.
 func CredsOptions(path string) ([]nats.Option, error) {
-	id, kp, err := readCreds(path)
+	id, key, err := readCreds(path)
 	if err != nil {
 		return nil, err
 	}
-	return []nats.Option{nats.Nkey(id.Key, kp.Sign), nats.CustomInboxPrefix(bus.InboxPrefix(id.Name()))}, nil
+	return []nats.Option{nats.Nkey(id.Key, key.SignNonce), nats.CustomInboxPrefix(bus.InboxPrefix(id.Name()))}, nil
 }
 
 // SecureEmbedded makes the credentials of an embedded server in dataDir
