@@ -91,6 +91,8 @@ type history struct {
 	// forged are the sequences of what forge appended on the subjects of
 	// hosts with keys, with the code the read models must flag each with.
 	forged map[uint64]events.Code
+	// forgeries counts those of forged, which picks the next kind.
+	forgeries int
 }
 
 type genHost struct {
@@ -512,7 +514,10 @@ func (h *history) forge(vm *genVM) {
 	host := h.hostNamed(vm.host)
 	var seq uint64
 	var code events.Code
-	switch h.rng.IntN(4) {
+	// The kinds come in turn, not at random, and a kind counts only once
+	// it landed on a keyed host: every history with enough forgeries has
+	// each kind, whatever its seed.
+	switch h.forgeries % 4 {
 	case 0:
 		seq, code = h.emitSignedBy(host, subject, report, nil), events.CodeUnsignedObservation
 	case 1:
@@ -554,6 +559,7 @@ func (h *history) forge(vm *genVM) {
 	}
 	if host.key != nil {
 		h.forged[seq] = code
+		h.forgeries++
 	}
 }
 
