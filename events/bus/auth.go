@@ -3,7 +3,6 @@ package bus
 import (
 	"fmt"
 	"slices"
-	"strings"
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nkeys"
@@ -38,14 +37,21 @@ type Identity struct {
 	Role Role `json:"role"`
 	// Host is the agent's host; empty for other roles.
 	Host string `json:"host,omitempty"`
+	// Client names a client identity of its own (a person's, a
+	// service's); empty for the shared client identity and other roles.
+	Client string `json:"client,omitempty"`
 	// Key is the nkey's public key ("U...").
 	Key string `json:"key"`
 }
 
-// Name names the identity: its role, or "agent-<host>".
+// Name names the identity: its role, "agent-<host>" or "client-<name>".
+// It is the actor of the commands a client identity sends.
 func (id Identity) Name() string {
-	if id.Role == RoleAgent {
+	switch {
+	case id.Role == RoleAgent:
 		return string(RoleAgent) + "-" + id.Host
+	case id.Client != "":
+		return string(RoleClient) + "-" + id.Client
 	}
 	return string(id.Role)
 }
@@ -57,16 +63,16 @@ func (id Identity) Validate() error {
 		return fmt.Errorf("identity %q: unknown role %q", id.Key, id.Role)
 	case (id.Role == RoleAgent) != (id.Host != ""):
 		return fmt.Errorf("identity %s: an agent names its host, and only an agent does", id.Name())
-	case id.Host != "" && !validToken(id.Host):
-		return fmt.Errorf("identity %s: host %q is not one subject token", id.Name(), id.Host)
+	case id.Client != "" && id.Role != RoleClient:
+		return fmt.Errorf("identity %s: only a client has a client name", id.Name())
+	case id.Host != "" && events.ValidateName("host", id.Host) != nil:
+		return fmt.Errorf("identity %s: %w", id.Name(), events.ValidateName("host", id.Host))
+	case id.Client != "" && events.ValidateName("client", id.Client) != nil:
+		return fmt.Errorf("identity %s: %w", id.Name(), events.ValidateName("client", id.Client))
 	case !nkeys.IsValidPublicUserKey(id.Key):
 		return fmt.Errorf("identity %s: %q is not an nkey user public key", id.Name(), id.Key)
 	}
 	return nil
-}
-
-func validToken(s string) bool {
-	return s != "" && !strings.ContainsAny(s, ".*> \t\r\n")
 }
 
 // InboxPrefix is where an identity's replies arrive. Each identity has its
@@ -171,8 +177,9 @@ func Permissions(id Identity) *server.Permissions {
 	return p
 }
 
-// nkeyUsers are the server's users for identities.
-func nkeyUsers(ids []Identity) ([]*server.NkeyUser, error) {
+// nkeyUsers are the server's users for identities, each in its role's
+// account among accounts.
+func nkeyUsers(ids []Identity, accounts map[string]*server.Account) ([]*server.NkeyUser, error) {
 	users := make([]*server.NkeyUser, 0, len(ids))
 	seen := map[string]string{}
 	for _, id := range ids {
@@ -183,7 +190,7 @@ func nkeyUsers(ids []Identity) ([]*server.NkeyUser, error) {
 			return nil, fmt.Errorf("identities %s and %s share one key", other, id.Name())
 		}
 		seen[id.Key] = id.Name()
-		users = append(users, &server.NkeyUser{Nkey: id.Key, Permissions: Permissions(id)})
+		users = append(users, &server.NkeyUser{Nkey: id.Key, Permissions: Permissions(id), Account: accounts[accountOf(id.Role)]})
 	}
 	return users, nil
 }

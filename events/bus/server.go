@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"net/url"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -38,6 +39,24 @@ type ServerConfig struct {
 	// TLS, if set, is required of every client connection over the
 	// network (in-process connections have no network to cross).
 	TLS *tls.Config
+	// Cluster, if set, routes the server to its peers: a cluster of Loom
+	// servers, each with its own ServerName.
+	Cluster *Cluster
+}
+
+// Cluster is how a server reaches the other servers of its cluster.
+type Cluster struct {
+	// Name is the cluster's name, the same on every server of it.
+	Name string
+	// Host and Port are where it takes routes; Port -1 picks a free one.
+	Host string
+	Port int
+	// Routes are peers' route URLs (nats-route://host:port); a server
+	// learns of the others from those it reaches.
+	Routes []string
+	// TLS, if set, is required of every route, both ways: each side shows
+	// a certificate the other verifies. Nil is plain text: an open bus.
+	TLS *tls.Config
 }
 
 // Server is a running embedded NATS server.
@@ -45,6 +64,8 @@ type Server struct {
 	*server.Server
 	// opts are the options it runs with: SetIdentities changes a copy.
 	opts *server.Options
+	// accounts are opts' accounts by name: users point at them.
+	accounts map[string]*server.Account
 }
 
 // SetIdentities replaces the users of a server started with identities,
@@ -54,7 +75,7 @@ func (s *Server) SetIdentities(ids []Identity) error {
 	if len(s.opts.Nkeys) == 0 {
 		return errors.New("nats server: started without identities (auth off); restart it to turn auth on")
 	}
-	users, err := nkeyUsers(ids)
+	users, err := nkeyUsers(ids, s.accounts)
 	if err != nil {
 		return err
 	}
@@ -90,12 +111,43 @@ func StartServer(ctx context.Context, cfg ServerConfig) (*Server, error) {
 	if cfg.TLS != nil {
 		opts.TLS, opts.TLSConfig, opts.TLSTimeout = true, cfg.TLS, 2
 	}
+	if c := cfg.Cluster; c != nil {
+		if c.Name == "" || cfg.ServerName == "" {
+			return nil, errors.New("nats server: a cluster needs its name and a name for each server")
+		}
+		if len(c.Routes) == 0 {
+			// JetStream's meta group forms over them: it refuses to start.
+			return nil, errors.New("nats server: a server of a cluster needs routes to the others (list them all; its own is skipped)")
+		}
+		opts.Cluster.Name, opts.Cluster.Host, opts.Cluster.Port = c.Name, c.Host, c.Port
+		if c.TLS != nil {
+			opts.Cluster.TLSConfig, opts.Cluster.TLSTimeout = c.TLS, 2
+		}
+		for _, r := range c.Routes {
+			u, err := url.Parse(r)
+			if err != nil || u.Scheme != "nats-route" || u.Port() == "" {
+				return nil, fmt.Errorf("nats server: route %q: want nats-route://HOST:PORT", r)
+			}
+			opts.Routes = append(opts.Routes, u)
+		}
+	}
+	accounts, err := configureAccounts(opts)
+	if err != nil {
+		return nil, fmt.Errorf("nats server: %w", err)
+	}
+	door := &openDoor{}
 	if len(cfg.Identities) > 0 {
-		users, err := nkeyUsers(cfg.Identities)
+		users, err := nkeyUsers(cfg.Identities, accounts)
 		if err != nil {
 			return nil, fmt.Errorf("nats server: %w", err)
 		}
 		opts.Nkeys = users
+	} else {
+		// A nonce lets a client that brings an nkey in as well.
+		opts.CustomClientAuthentication, opts.AlwaysEnableNonce = door, true
+	}
+	if err := adoptLegacyStreams(cfg.DataDir); err != nil {
+		return nil, fmt.Errorf("nats server: %w", err)
 	}
 	if opts.ServerName == "" {
 		opts.ServerName = "loom"
@@ -110,6 +162,9 @@ func StartServer(ctx context.Context, cfg ServerConfig) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("nats server: %w", err)
 	}
+	if door.loom, err = ns.LookupAccount(LoomAccount); err != nil {
+		return nil, fmt.Errorf("nats server: %w", err)
+	}
 	go ns.Start()
 	deadline := time.Now().Add(15 * time.Second)
 	for !ns.ReadyForConnections(100 * time.Millisecond) {
@@ -121,7 +176,7 @@ func StartServer(ctx context.Context, cfg ServerConfig) (*Server, error) {
 			return nil, fmt.Errorf("nats server on %s:%d not ready in 15s (port in use?)", opts.Host, opts.Port)
 		}
 	}
-	return &Server{Server: ns, opts: opts}, nil
+	return &Server{Server: ns, opts: opts, accounts: accounts}, nil
 }
 
 // Stop shuts the server down and waits until it has.
