@@ -257,6 +257,7 @@ func readSubject(ctx context.Context, js jetstream.JetStream, stream, subject st
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", subject, err)
 	}
+	defer bus.Forget(js, stream, cons)
 	it, err := cons.Messages()
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", subject, err)

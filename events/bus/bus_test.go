@@ -129,6 +129,15 @@ func TestLastPerSubject(t *testing.T) {
 			t.Fatalf("snapshot = %v, want %v", last, want)
 		}
 	}
+	// A snapshot leaves no consumer behind: a stream takes 1,000 at most,
+	// and an ordered consumer left alone lingers for five minutes.
+	stream, err := b.JS.Stream(ctx, events.StreamGoals)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info, err := stream.Info(ctx); err != nil || info.State.Consumers != 0 {
+		t.Errorf("after the snapshots: %v consumers (%v), want none", info.State.Consumers, err)
+	}
 }
 
 func TestLeaderReads_LastAndNextOnSubject(t *testing.T) {

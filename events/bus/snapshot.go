@@ -31,6 +31,7 @@ func LastPerSubject(ctx context.Context, js jetstream.JetStream, stream, filter 
 	if err != nil {
 		return nil, fmt.Errorf("snapshot %s %s: %w", stream, filter, err)
 	}
+	defer Forget(js, stream, cons)
 	var out []Message
 	for {
 		if err := ctx.Err(); err != nil {
@@ -54,4 +55,18 @@ func LastPerSubject(ctx context.Context, js jetstream.JetStream, stream, filter 
 			return nil, fmt.Errorf("snapshot %s %s: %w", stream, filter, err)
 		}
 	}
+}
+
+// Forget deletes the server's consumer behind an ordered consumer that is
+// read no more. Left alone it outlives its reader by its inactivity
+// threshold (five minutes), and a stream takes 1,000 consumers at most: a
+// one-shot read repeated a few times a second would use them all up.
+func Forget(js jetstream.JetStream, stream string, cons jetstream.Consumer) {
+	info := cons.CachedInfo()
+	if info == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = js.DeleteConsumer(ctx, stream, info.Name)
 }
