@@ -108,6 +108,8 @@ const (
 	CodeForgedObservation Code = 10008
 	// A signed observation does not follow its subject's last message (its PrevHash names another), and its signature is not for this place: an old observation published again, or one put out of its place. The read models flag it and skip it.
 	CodeReplayedObservation Code = 10009
+	// With authentication on, a command must come from a client identity, through the clients' account, where the NATS server itself says who sent it (Nats-Request-Info). This one did not (it was sent from inside Loom's own account, by the admin): send it with client credentials (`loom init --client NAME`).
+	CodeUnattestedCommand Code = 10010
 )
 
 // catalog maps each code to its name and description.
@@ -164,4 +166,5 @@ var catalog = map[Code]codeInfo{
 	CodeUnsignedObservation:    {"unsigned_observation", "An observation on the subjects of a host registered with a key carries no signature (headers Loom-Sig and Loom-Sig-Key): its agent runs without --host-key, or someone else published it. The read models flag it and skip it."},
 	CodeForgedObservation:      {"forged_observation", "An observation's signature does not verify with the key its host is registered with, at the place in its subject where it was stored: it was signed by another key (another host's), changed after signing, or signed for another place (an old one published again). The read models flag it and skip it."},
 	CodeReplayedObservation:    {"replayed_observation", "A signed observation does not follow its subject's last message (its PrevHash names another), and its signature is not for this place: an old observation published again, or one put out of its place. The read models flag it and skip it."},
+	CodeUnattestedCommand:      {"unattested_command", "With authentication on, a command must come from a client identity, through the clients' account, where the NATS server itself says who sent it (Nats-Request-Info). This one did not (it was sent from inside Loom's own account, by the admin): send it with client credentials (`loom init --client NAME`)."},
 }

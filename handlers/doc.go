@@ -19,11 +19,12 @@
 // # Requests and replies
 //
 // A body is JSON or msgpack (events.SniffFormat), decoded strictly (unknown
-// fields are an error). The actor is the Loom-Actor header. Every reply is
-// an events.Reply in the request's format: the events appended with their
-// sequences, or a Fault with a code from the catalog; a fault also travels
-// in micro's error headers. A reply's last sequence is what a query names
-// to read its own writes.
+// fields are an error). The actor is who sent it, as Config.Actors says:
+// the identity the NATS server attests, or on an open bus the Loom-Actor
+// header. Every reply is an events.Reply in the request's format: the
+// events appended with their sequences, or a Fault with a code from the
+// catalog; a fault also travels in micro's error headers. A reply's last
+// sequence is what a query names to read its own writes.
 //
 // # Idempotency
 //

@@ -37,7 +37,12 @@ type replica struct {
 // test ends.
 func startReplica(t testing.TB, b *bustest.Bus, opts ...func(*Service)) *replica {
 	t.Helper()
-	nc := bustest.Connect(t, b.URL)
+	return startReplicaOn(t, bustest.Connect(t, b.URL), opts...)
+}
+
+// startReplicaOn is startReplica on the connection nc.
+func startReplicaOn(t testing.TB, nc *nats.Conn, opts ...func(*Service)) *replica {
+	t.Helper()
 	js, err := jetstream.New(nc)
 	if err != nil {
 		t.Fatal(err)

@@ -46,15 +46,9 @@ func (s *Service) decode(req *request, cmd validator, meta *events.CommandMeta) 
 		return nil, events.Errorf(events.CodeMissingCommandID,
 			"%s: command_id is empty; choose a unique id and reuse it when you retry", req.subject)
 	}
-	// TODO(loom): take the actor from the identity NATS attests
-	// (Nats-Request-Info, with clients in their own account) instead of the
-	// client's own word.
-	actor := req.header.Get(events.HeaderActor)
-	if actor == "" {
-		actor = AnonymousActor
-	}
-	if len(actor) > MaxActorLen {
-		return nil, events.Errorf(events.CodeInvalidArgument, "%s header is %d bytes, at most %d allowed", events.HeaderActor, len(actor), MaxActorLen)
+	actor, fault := s.cfg.Actors.Actor(req.header)
+	if fault != nil {
+		return nil, fault
 	}
 	return newCommand(actor, meta.CommandID, meta.CorrelationID, events.Origin{Time: s.cfg.Now()}), nil
 }

@@ -34,7 +34,7 @@ const (
 	DefaultCacheSize = 1 << 16
 )
 
-// AnonymousActor is the actor of a command that names none.
+// AnonymousActor is the actor of a command that names none, on an open bus.
 const AnonymousActor = "anonymous"
 
 // MaxActorLen bounds the actor a command names.
@@ -80,6 +80,9 @@ type Config struct {
 	ReconcileInterval time.Duration
 	// CacheSize bounds the cached VMs; zero means DefaultCacheSize.
 	CacheSize int
+	// Actors says who sent each command; nil means ClaimedActors, the
+	// sender's own word, which is all an open bus knows.
+	Actors Actors
 	// Unsafe switches protections off, for the tests that show what each
 	// guards: never set it in production.
 	Unsafe Unsafe
@@ -115,6 +118,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Actors == nil {
+		c.Actors = ClaimedActors{}
 	}
 	c.Concurrency = cmp.Or(c.Concurrency, DefaultConcurrency)
 	c.RequestTimeout = cmp.Or(c.RequestTimeout, DefaultRequestTimeout)
