@@ -24,10 +24,13 @@ loom.goal.<host>.>, drives libvirtd to each VM's goal and reports what it
 observed on loom.obs.<host>.>. It connects to the control plane's NATS (--nats)
 and never creates or changes streams.
 
-With --host-key FILE it signs every observation with the host's key (made on
-first start, its public half logged and written to FILE.pub): register the host
-with that public key (loom host register NAME ... --key U...), and the read
-models take from the host's subjects only what this agent signed.`,
+It signs every observation with the host's key: by default the seed of its
+NATS identity (agent-HOST.nk, from --creds), one key for both jobs; or
+--host-key FILE (made on first start, its public half logged and written to
+FILE.pub). Register the host with that public key (loom host register NAME
+... --key U...), and the read models take from the host's subjects only what
+this agent signed. With neither (an open bus, no --host-key) its reports are
+unsigned.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := events.ValidateName("host", cfg.Host); err != nil {
@@ -38,6 +41,10 @@ models take from the host's subjects only what this agent signed.`,
 			if err != nil {
 				return err
 			}
+			if cfg.HostKey == "" {
+				// One key per host: its NATS identity signs its reports.
+				cfg.HostKey = access.Creds
+			}
 			conn, err := plane.Join(client.url, "loom-agent-"+cfg.Host, access)
 			if err != nil {
 				return err
@@ -47,7 +54,7 @@ models take from the host's subjects only what this agent signed.`,
 		},
 	}
 	cmd.Flags().StringVar(&cfg.Host, "host", "", "name of this host, as registered (required)")
-	cmd.Flags().StringVar(&cfg.HostKey, "host-key", "", "the host's key (an nkey user seed, also usable as its NATS identity): signs every observation; made, mode 0600 with FILE.pub beside it, if missing; a file others can read is refused (empty: unsigned, the legacy mode)")
+	cmd.Flags().StringVar(&cfg.HostKey, "host-key", "", "the host's key (an nkey user seed): signs every observation; made, mode 0600 with FILE.pub beside it, if missing; a file others can read is refused (empty: the agent's NATS identity from --creds, or unsigned without one)")
 	cmd.Flags().StringVar(&cfg.Socket, "libvirt-socket", libvirt.DefaultSocket, "libvirtd's read-write unix socket")
 	cmd.Flags().StringVar(&cfg.URI, "libvirt", libvirt.DefaultURI, "libvirt driver URI, e.g. qemu:///system or test:///default")
 	cmd.Flags().BoolVar(&cfg.Simulated, "simulated", false, "the host is libvirt's test driver: hold a connection open so its state survives reconnects, and remove its built-in domain")

@@ -83,9 +83,9 @@ func startBenchPlane(ctx context.Context, cfg benchConfig, dir string, log *slog
 		return nil, nil, access, err
 	}
 	natsCfg := plane.NATSConfig{Listen: "127.0.0.1:0", Sync: cfg.sync, Replicas: 1}
+	credsDir := ""
 	if secure {
-		credsDir, err := plane.SecureEmbedded(&natsCfg, dir, nil, log)
-		if err != nil {
+		if credsDir, err = plane.SecureEmbedded(&natsCfg, dir, nil, log); err != nil {
 			return nil, nil, access, err
 		}
 		access = plane.AccessIn(credsDir, string(bus.RoleClient))
@@ -97,7 +97,7 @@ func startBenchPlane(ctx context.Context, cfg benchConfig, dir string, log *slog
 	planeCtx, stopPlane := context.WithCancel(ctx)
 	planeDone := make(chan error, 1)
 	go func() {
-		planeDone <- plane.RunControlPlane(planeCtx, conn, plane.ControlPlaneConfig{DataDir: dir}, log)
+		planeDone <- plane.RunControlPlane(planeCtx, conn, plane.ControlPlaneConfig{DataDir: dir, CredsDir: credsDir, Attested: secure}, log)
 	}()
 	return conn, func() { stopPlane(); <-planeDone; conn.Close() }, access, nil
 }

@@ -32,6 +32,11 @@ func TestCLI_UpCreateGetTail(t *testing.T) {
 		t.Fatal(err)
 	}
 	httpAddr := freeAddr(t)
+	// Alice has an identity of her own; loom up keeps it.
+	var initOut lockedBuffer
+	if err := execute(t.Context(), &initOut, "init", "--data-dir", dir, "--client", "alice"); err != nil {
+		t.Fatal(err)
+	}
 	ctx, cancel := context.WithCancel(t.Context())
 	var upOut lockedBuffer
 	upDone := make(chan error, 1)
@@ -59,7 +64,11 @@ func TestCLI_UpCreateGetTail(t *testing.T) {
 		}
 		return out.String()
 	}
-	created := loom("vm", "create", "web-1", "--actor", "alice", "--image", "demo", "--cpu", "1", "--mem", "256", "--wait", "30s")
+	// The actor recorded is the identity the server attests: hers, whatever
+	// she says (--actor), and the shared client's, with what it says
+	// after it.
+	alice := filepath.Join(dir, "creds", "client-alice.nk")
+	created := loom("--creds", alice, "vm", "create", "web-1", "--actor", "", "--image", "demo", "--cpu", "1", "--mem", "256", "--wait", "30s")
 	if !strings.Contains(created, "web-1 converged: running on host-") {
 		t.Fatalf("vm create --wait printed:\n%s", created)
 	}
@@ -68,8 +77,14 @@ func TestCLI_UpCreateGetTail(t *testing.T) {
 	if err := json.Unmarshal([]byte(loom("vm", "get", "web-1", "-o", "json")), &vm); err != nil {
 		t.Fatal(err)
 	}
-	if !vm.Converged || vm.Observed.State != events.ObservedRunning || vm.Desired != events.DesiredRunning || vm.CreatedBy != "alice" {
-		t.Fatalf("vm get = %+v, want running, converged, created by alice", vm)
+	if !vm.Converged || vm.Observed.State != events.ObservedRunning || vm.Desired != events.DesiredRunning || vm.CreatedBy != "client-alice" {
+		t.Fatalf("vm get = %+v, want running, converged, created by client-alice", vm)
+	}
+	loom("--creds", alice, "image", "register", "claimed", "--source", "/nonexistent.qcow2", "--actor", "bob")
+	loom("image", "register", "shared", "--source", "/nonexistent.qcow2", "--actor", "bob")
+	claims := loom("events", "tail", "--no-follow", "--type", "image.registered")
+	if !strings.Contains(claims, "by client-alice/bob") || !strings.Contains(claims, "by client/bob") {
+		t.Errorf("events of alice and of the shared client, each saying bob:\n%s", claims)
 	}
 	table := loom("vm", "get", "web-1")
 	for _, want := range []string{"converged             true", "observed              running", "leases                image/demo shared@"} {
@@ -98,10 +113,10 @@ func TestCLI_UpCreateGetTail(t *testing.T) {
 
 	// The story, in stream order: decided, placed, observed.
 	story := loom("events", "tail", "--no-follow", "--type", "vm.created,host.allocated,vm.placed,vm.observed")
-	if mine := loom("events", "tail", "--no-follow", "--actor", "alice"); strings.Count(mine, "by alice") != 5 || strings.Contains(mine, "agent:") {
-		t.Errorf("events tail --actor alice:\n%s", mine)
+	if mine := loom("events", "tail", "--no-follow", "--actor", "client-alice"); strings.Count(mine, "by client-alice") != 6 || strings.Contains(mine, "agent:") {
+		t.Errorf("events tail --actor client-alice:\n%s", mine)
 	}
-	order := regexp.MustCompile(`(?s)vm\.created .*by alice.*host\.allocated .*vm\.placed .*host-\d.*vm\.observed .*by agent:host-\d.*"state":"running"`)
+	order := regexp.MustCompile(`(?s)vm\.created .*by client-alice.*host\.allocated .*vm\.placed .*host-\d.*vm\.observed .*by agent:host-\d.*"state":"running"`)
 	onHost := loom("events", "tail", "--no-follow", "--host", vm.Host)
 	for _, want := range []string{"host.registered", "host.allocated", "vm.observed", "vm.placed", "lease.granted"} {
 		if !strings.Contains(onHost, want) || strings.Contains(onHost, "vm.created") {

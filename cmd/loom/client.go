@@ -101,7 +101,7 @@ func roleOf(cmd *cobra.Command) bus.Role {
 // group of them (host, image, vm). They are not global: events tail has a
 // --actor of its own, a filter.
 func (f *clientFlags) registerCommandFlags(group *cobra.Command) {
-	group.PersistentFlags().StringVar(&f.actor, "actor", defaultActor(), "who is asking, recorded on every event")
+	group.PersistentFlags().StringVar(&f.actor, "actor", defaultActor(), "on whose behalf you ask, recorded on every event after the identity the server attests (client-NAME/ACTOR); empty: the identity alone")
 	group.PersistentFlags().StringVar(&f.commandID, "command-id", "", "command id to send; reuse it to retry a command safely (default: a new ULID)")
 }
 
@@ -191,7 +191,9 @@ func (c *client) command(ctx context.Context, kind events.Kind, verb string, bod
 	}
 	msg := nats.NewMsg(events.CommandSubject(kind, verb))
 	msg.Data = data
-	msg.Header.Set(events.HeaderActor, c.flags.actor)
+	if c.flags.actor != "" {
+		msg.Header.Set(events.HeaderActor, c.flags.actor)
+	}
 	ctx, cancel := context.WithTimeout(ctx, c.flags.timeout)
 	defer cancel()
 	resp, err := c.nc.RequestMsgWithContext(ctx, msg)

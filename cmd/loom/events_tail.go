@@ -50,7 +50,7 @@ func newEventsCommand(flags *clientFlags) *cobra.Command {
 	tail.Flags().IntVar(&tf.last, "last", 50, "without --from, start this many events before the end")
 	tail.Flags().StringSliceVar(&tf.types, "type", nil, "only events of these types (repeat or separate with commas, e.g. vm.created,vm.placed)")
 	tail.Flags().StringVar(&tf.host, "host", "", "only what concerns this host: its own events (registration, allocations, cordons, loss), its agent's observations, the decisions about VMs from their placement on it, and the grants of holders on it")
-	tail.Flags().StringVar(&tf.actor, "actor", "", "only events by this actor")
+	tail.Flags().StringVar(&tf.actor, "actor", "", "only events by this actor, or by this identity on anyone's behalf")
 	tail.Flags().BoolVar(&tf.noFollow, "no-follow", false, "stop at the end of the history instead of following")
 	tail.Flags().BoolVar(&tf.json, "json", false, "JSON lines, one event per line (the same as -o json)")
 	var hf tailFlags
@@ -156,7 +156,13 @@ func (tf tailFlags) match(rec *events.Record, decodeErr error) bool {
 		return len(tf.types) == 0 && tf.actor == ""
 	}
 	return (len(tf.types) == 0 || slices.Contains(tf.types, string(rec.Envelope.Type))) &&
-		(tf.actor == "" || rec.Envelope.Actor == tf.actor)
+		(tf.actor == "" || actorIs(rec.Envelope.Actor, tf.actor))
+}
+
+// actorIs says whether actor is want, or was sent by the identity want on
+// someone's behalf ("client-ci" matches "client-ci/alice").
+func actorIs(actor, want string) bool {
+	return actor == want || strings.HasPrefix(actor, want+"/")
 }
 
 // tailLine is one event as `-o json` prints it.

@@ -3,6 +3,7 @@ package main
 import (
 	"log/slog"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -23,8 +24,9 @@ func registerNATSFlags(cmd *cobra.Command, c *plane.NATSConfig) {
 // serveIdentity chooses how loom serve authenticates: with an embedded
 // server, the credentials of its data directory (made if missing), or
 // none with --insecure; with --nats-url, the control plane's seed from
-// --creds (plane.nk in a directory). credsDir is the embedded server's
-// credentials, watched for new identities.
+// --creds (plane.nk in a directory). credsDir holds identities.json,
+// which names the keys commands come from; an embedded server's is also
+// watched for new identities.
 func serveIdentity(cfg *plane.NATSConfig, client *clientFlags, dataDir string, insecure bool, log *slog.Logger) (credsDir string, err error) {
 	switch {
 	case insecure:
@@ -34,8 +36,11 @@ func serveIdentity(cfg *plane.NATSConfig, client *clientFlags, dataDir string, i
 		return plane.SecureEmbedded(cfg, dataDir, nil, log)
 	}
 	access, err := client.accessFor(string(bus.RolePlane))
+	if err != nil {
+		return "", err
+	}
 	cfg.Creds, cfg.CA = access.Creds, access.CA
-	return "", err
+	return filepath.Dir(access.Creds), nil
 }
 
 // sealFlags choose how the control plane seals the history.
@@ -74,7 +79,7 @@ func newServeCommand(client *clientFlags) *cobra.Command {
 			}
 			defer conn.Close()
 			return plane.RunControlPlane(cmd.Context(), conn, plane.ControlPlaneConfig{DataDir: dataDir, HTTPAddr: httpAddr, CredsDir: credsDir,
-				SealKey: seal.key, SealEvery: seal.every}, log)
+				Attested: !insecure, SealKey: seal.key, SealEvery: seal.every}, log)
 		},
 	}
 	seal.register(cmd)

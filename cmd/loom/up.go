@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -110,7 +111,7 @@ func runUp(ctx context.Context, cfg upConfig, out io.Writer) error {
 	// with it, and the host is registered with its public half.
 	keys := make([]*hostkey.Key, cfg.hosts)
 	for i := range keys {
-		if keys[i], _, err = hostkey.Ensure(hostKeyPath(dataDir, hostName(i))); err != nil {
+		if keys[i], _, err = hostkey.Ensure(hostKeyPath(dataDir, credsDir, hostName(i))); err != nil {
 			return err
 		}
 	}
@@ -124,7 +125,7 @@ func runUp(ctx context.Context, cfg upConfig, out io.Writer) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
 		return plane.RunControlPlane(ctx, conn, plane.ControlPlaneConfig{DataDir: dataDir, HTTPAddr: cfg.httpAddr, CredsDir: credsDir,
-			SealKey: cfg.seal.key, SealEvery: cfg.seal.every}, log)
+			Attested: !cfg.insecure, SealKey: cfg.seal.key, SealEvery: cfg.seal.every}, log)
 	})
 	for i, socket := range sockets {
 		name := hostName(i)
@@ -134,7 +135,7 @@ func runUp(ctx context.Context, cfg upConfig, out io.Writer) error {
 		if err != nil {
 			return err
 		}
-		agent.HostKey = hostKeyPath(dataDir, name)
+		agent.HostKey = hostKeyPath(dataDir, credsDir, name)
 		g.Go(func() error {
 			return plane.RunFencer(ctx, plane.FencerConfig{Host: name, Socket: socket, URI: kind.uri, Listen: fence}, log)
 		})
@@ -154,7 +155,7 @@ func runUp(ctx context.Context, cfg upConfig, out io.Writer) error {
 	}
 	defer clientConn.Close()
 	g.Go(func() error {
-		if err := registerFleet(ctx, clientConn, cfg, dataDir, keys, kind.image); err != nil {
+		if err := registerFleet(ctx, clientConn, cfg, func(h string) string { return hostKeyPath(dataDir, credsDir, h) }, keys, kind.image); err != nil {
 			return err
 		}
 		printWhere(out, conn, cfg, dataDir, credsDir, sockets, kind)
@@ -170,16 +171,25 @@ func runUp(ctx context.Context, cfg upConfig, out io.Writer) error {
 
 func hostName(i int) string { return fmt.Sprintf("host-%d", i+1) }
 
-// hostKeyPath is where `loom up` keeps a simulated host's key.
-func hostKeyPath(dataDir, host string) string {
-	return filepath.Join(dataDir, "host-keys", host+".nk")
+// hostKeyPath is the key a simulated host signs with: its agent's NATS
+// identity (one key per host, both jobs: the signatures are domain
+// separated from a connect nonce, see hostkey.Domain), or with no
+// identities (--insecure) a key of its own under DATA-DIR/host-keys. A
+// key a data dir of an older Loom keeps there is kept, since its host is
+// registered with it.
+func hostKeyPath(dataDir, credsDir, host string) string {
+	own := filepath.Join(dataDir, "host-keys", host+".nk")
+	if _, err := os.Stat(own); err == nil || credsDir == "" {
+		return own
+	}
+	return plane.CredsFile(credsDir, plane.AgentName(host))
 }
 
 // registerFleet registers the simulated hosts, each with its key, and the
 // demo image, with command ids fixed per data dir and key, so running
 // `loom up` again is a no-op (and gives a key to a host an older `loom up`
 // registered without one).
-func registerFleet(ctx context.Context, conn *plane.Connection, cfg upConfig, dataDir string, keys []*hostkey.Key, img events.RegisterImage) error {
+func registerFleet(ctx context.Context, conn *plane.Connection, cfg upConfig, keyPath func(host string) string, keys []*hostkey.Key, img events.RegisterImage) error {
 	c := &client{flags: &clientFlags{actor: "loom-up", timeout: 15 * time.Second}, nc: conn.Conn}
 	send := func(kind events.Kind, body any) error {
 		// The control plane may still be starting: retry while nobody serves.
@@ -195,7 +205,7 @@ func registerFleet(ctx context.Context, conn *plane.Connection, cfg upConfig, da
 		if err := send(events.KindHost, &reg); err != nil {
 			if errors.Is(err, events.Errorf(events.CodeHostExists, "")) {
 				return fmt.Errorf("register %s: %w (was its key %s replaced? restore it, or start from an empty --data-dir)",
-					reg.Name, err, hostKeyPath(dataDir, reg.Name))
+					reg.Name, err, keyPath(reg.Name))
 			}
 			return fmt.Errorf("register %s: %w", reg.Name, err)
 		}
@@ -224,7 +234,7 @@ func printWhere(w io.Writer, conn *plane.Connection, cfg upConfig, dataDir, cred
 		fmt.Fprintf(w, "  %-10s  libvirtd %s (%s), %d CPU, %d MiB\n", hostName(i), s, kind.uri, cfg.hostCPU, cfg.hostMiB)
 	}
 	fmt.Fprintf(w, "  host keys   %s: each agent signs its observations; each host is registered with its key\n",
-		filepath.Join(dataDir, "host-keys", "<host>.nk"))
+		hostKeyPath(dataDir, credsDir, "<host>"))
 	fmt.Fprintf(w, "  image       %s\n\nTry, in another shell:\n", kind.image.Name)
 	fmt.Fprintf(w, "  loom vm create web-1 --image %s --cpu 1 --mem 256 --wait 60s\n  loom vm get web-1\n  loom events tail\n\nCtrl-C stops everything.\n", kind.image.Name)
 }

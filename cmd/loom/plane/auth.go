@@ -21,7 +21,7 @@ import (
 
 // Credentials on disk. A directory holds one nkey seed per identity,
 // named after it (admin.nk, plane.nk, client.nk, auditor.nk,
-// agent-<host>.nk, mode 0600), and identities.json: the public half of
+// agent-<host>.nk, client-<name>.nk, mode 0600), and identities.json: the public half of
 // every one of them with its role, which is all the server needs.
 const (
 	credsExt       = ".nk"
@@ -34,22 +34,31 @@ func CredsDir(dataDir string) string { return filepath.Join(dataDir, "creds") }
 // CredsFile is the seed file of the identity name in dir.
 func CredsFile(dir, name string) string { return filepath.Join(dir, name+credsExt) }
 
+// ClientName is the identity name of the client identity called name.
+func ClientName(name string) string {
+	return bus.Identity{Role: bus.RoleClient, Client: name}.Name()
+}
+
 // AgentName is the identity name of host's agent.
 func AgentName(host string) string {
 	return bus.Identity{Role: bus.RoleAgent, Host: host}.Name()
 }
 
 // InitCreds makes, in dir, a seed for each of admin, plane, client and
-// auditor and for the agent of each host that has none yet, and rewrites
-// identities.json from every seed there. It returns the names it made.
-// Seeds already there are kept: running it again is safe.
-func InitCreds(dir string, hosts []string) ([]string, error) {
+// auditor, for the agent of each host and for each named client, that has
+// none yet, and rewrites identities.json from every seed there. It
+// returns the names it made. Seeds already there are kept: running it
+// again is safe.
+func InitCreds(dir string, hosts, clients []string) ([]string, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
 	names := []string{string(bus.RoleAdmin), string(bus.RolePlane), string(bus.RoleClient), string(bus.RoleAuditor)}
 	for _, h := range hosts {
 		names = append(names, AgentName(h))
+	}
+	for _, c := range clients {
+		names = append(names, ClientName(c))
 	}
 	var made []string
 	for _, name := range names {
@@ -115,12 +124,15 @@ func identityOf(path string) (bus.Identity, error) {
 	if host, ok := strings.CutPrefix(name, string(bus.RoleAgent)+"-"); ok {
 		return bus.Identity{Role: bus.RoleAgent, Host: host}, nil
 	}
+	if client, ok := strings.CutPrefix(name, string(bus.RoleClient)+"-"); ok {
+		return bus.Identity{Role: bus.RoleClient, Client: client}, nil
+	}
 	for _, r := range bus.Roles {
 		if r != bus.RoleAgent && name == string(r) {
 			return bus.Identity{Role: r}, nil
 		}
 	}
-	return bus.Identity{}, fmt.Errorf("credentials %s: the name says no role (want admin, plane, client, auditor or agent-HOST%s)", path, credsExt)
+	return bus.Identity{}, fmt.Errorf("credentials %s: the name says no role (want admin, plane, client, auditor, agent-HOST or client-NAME%s)", path, credsExt)
 }
 
 // LoadIdentities reads identities.json of dir: who the server lets in.
@@ -174,7 +186,7 @@ func CredsOptions(path string) ([]nats.Option, error) {
 // streams. It returns the credentials directory.
 func SecureEmbedded(cfg *NATSConfig, dataDir string, hosts []string, log *slog.Logger) (string, error) {
 	dir := CredsDir(dataDir)
-	made, err := InitCreds(dir, hosts)
+	made, err := InitCreds(dir, hosts, nil)
 	if err != nil {
 		return "", fmt.Errorf("credentials in %s: %w", dir, err)
 	}

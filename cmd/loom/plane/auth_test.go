@@ -20,7 +20,7 @@ import (
 
 func TestInitCreds_MakesOnceKeepsSeedsAndListsThem(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "creds")
-	made, err := InitCreds(dir, []string{"h1"})
+	made, err := InitCreds(dir, []string{"h1"}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -35,7 +35,7 @@ func TestInitCreds_MakesOnceKeepsSeedsAndListsThem(t *testing.T) {
 	if info, _ := os.Stat(CredsFile(dir, "plane")); info.Mode().Perm() != 0o600 {
 		t.Fatalf("seed mode %v, want 0600", info.Mode().Perm())
 	}
-	made, err = InitCreds(dir, []string{"h1", "h2"})
+	made, err = InitCreds(dir, []string{"h1", "h2"}, nil)
 	if err != nil || !slices.Equal(made, []string{"agent-h2"}) {
 		t.Fatalf("second init made %v (%v), want only agent-h2", made, err)
 	}
@@ -63,7 +63,7 @@ func TestInitCreds_MakesOnceKeepsSeedsAndListsThem(t *testing.T) {
 
 func TestCredsOptions_BadFiles(t *testing.T) {
 	dir := t.TempDir()
-	if _, err := InitCreds(dir, nil); err != nil {
+	if _, err := InitCreds(dir, nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.Chmod(CredsFile(dir, "client"), 0o644); err != nil {
@@ -151,7 +151,7 @@ func TestTLS_RequiredOfEveryNetworkConnection(t *testing.T) {
 // has reloaded, and the identities connected before stay connected.
 func TestWatchIdentities_LetsANewHostInWithoutARestart(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "creds")
-	if _, err := InitCreds(dir, []string{"h1"}); err != nil {
+	if _, err := InitCreds(dir, []string{"h1"}, nil); err != nil {
 		t.Fatal(err)
 	}
 	ids, err := LoadIdentities(dir)
@@ -180,7 +180,7 @@ func TestWatchIdentities_LetsANewHostInWithoutARestart(t *testing.T) {
 	go func() { done <- WatchIdentities(ctx, dir, srv, slog.New(slog.DiscardHandler)) }()
 	defer func() { cancel(); <-done }()
 
-	if _, err := InitCreds(dir, []string{"h1", "h2"}); err != nil {
+	if _, err := InitCreds(dir, []string{"h1", "h2"}, nil); err != nil {
 		t.Fatal(err)
 	}
 	eventually.WaitFor(t, 10*time.Second, "agent-h2 let in", func() error {

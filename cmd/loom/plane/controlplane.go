@@ -42,9 +42,14 @@ type ControlPlaneConfig struct {
 	// SealEvery is how often the history is sealed; zero means
 	// handlers.DefaultSealEvery.
 	SealEvery time.Duration
-	// CredsDir, with an embedded server, is where its identities.json is
-	// watched: a change takes effect without a restart.
+	// CredsDir holds identities.json. With an embedded server it is
+	// watched: a change takes effect without a restart. With Attested, the
+	// keys of the identities that send commands are named after it.
 	CredsDir string
+	// Attested, with authentication on, takes each command's actor from
+	// the identity the server attests, and refuses a command it attests
+	// none for; without it, actors are the senders' own word (--insecure).
+	Attested bool
 }
 
 // RunControlPlane runs every part of `loom serve` until ctx ends.
@@ -65,8 +70,12 @@ func RunControlPlane(ctx context.Context, conn *Connection, cfg ControlPlaneConf
 	}()
 	reader := readModel{store}
 	dispatcher = dispatch.New(dispatch.Config{Conn: conn.Conn, JS: conn.JS, Reader: reader, Logger: log})
+	var actors handlers.Actors = handlers.ClaimedActors{}
+	if cfg.Attested {
+		actors = AttestedActors(cfg.CredsDir)
+	}
 	commands, err := handlers.New(handlers.Config{JS: conn.JS, Conn: conn.Conn, Reader: reader, Now: time.Now,
-		Logger: log.With("component", "handlers"), Unsafe: cfg.Unsafe})
+		Logger: log.With("component", "handlers"), Unsafe: cfg.Unsafe, Actors: actors})
 	if err != nil {
 		return err
 	}
