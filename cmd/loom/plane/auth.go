@@ -183,7 +183,8 @@ func CredsOptions(path string) ([]nats.Option, error) {
 // (for the given hosts' agents too) and its TLS certificates if they are
 // missing, and sets cfg to start the server with auth and TLS on and to
 // connect as the control plane, with the admin identity setting up the
-// streams. It returns the credentials directory.
+// streams; in a cluster, routes take TLS both ways too. It returns the
+// credentials directory.
 func SecureEmbedded(cfg *NATSConfig, dataDir string, hosts []string, log *slog.Logger) (string, error) {
 	dir := CredsDir(dataDir)
 	made, err := InitCreds(dir, hosts, nil)
@@ -203,6 +204,11 @@ func SecureEmbedded(cfg *NATSConfig, dataDir string, hosts []string, log *slog.L
 	}
 	if cfg.TLS, err = ServerTLS(dir); err != nil {
 		return "", err
+	}
+	if cfg.ClusterListen != "" {
+		if cfg.RouteTLS, err = RouteTLS(dir); err != nil {
+			return "", err
+		}
 	}
 	cfg.Creds, cfg.AdminCreds = CredsFile(dir, string(bus.RolePlane)), CredsFile(dir, string(bus.RoleAdmin))
 	cfg.CA = CAFile(dir)

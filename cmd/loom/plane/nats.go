@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"strconv"
 	"sync/atomic"
@@ -40,6 +41,18 @@ type NATSConfig struct {
 	// CA, if set, is the CA certificate (PEM) this connection trusts: TLS
 	// to the server.
 	CA string
+	// ServerName names the embedded server; empty means "loom", or this
+	// machine's name in a cluster, where each needs its own.
+	ServerName string
+	// ClusterListen, if set, is where the embedded server takes routes
+	// from the other servers of its cluster (port 0: a free one).
+	ClusterListen string
+	// ClusterName names the cluster; empty means "loom".
+	ClusterName string
+	// Routes are the other servers' route URLs (nats-route://HOST:PORT).
+	Routes []string
+	// RouteTLS, if set, is required of every route, both ways.
+	RouteTLS *tls.Config
 	// AdminCreds, if set, is the admin identity's seed file: Connect uses
 	// it to create or update the streams, and nothing else. Without it,
 	// an authenticated Connect only checks that the streams are as Loom
@@ -57,18 +70,20 @@ func (c NATSConfig) ServerConfig(dataDir string) (bus.ServerConfig, error) {
 	if listen == "" {
 		listen = DefaultListen
 	}
-	host, portText, err := net.SplitHostPort(listen)
+	host, port, err := hostPort(listen)
 	if err != nil {
 		return bus.ServerConfig{}, fmt.Errorf("listen %q: %w", listen, err)
 	}
-	port, err := strconv.Atoi(portText)
-	if err != nil || port < 0 || port > 65535 {
-		return bus.ServerConfig{}, fmt.Errorf("listen %q: bad port", listen)
+	cfg := bus.ServerConfig{DataDir: filepath.Join(dataDir, "nats"), Host: host, Port: port, Identities: c.Identities, TLS: c.TLS,
+		ServerName: c.ServerName}
+	if c.ClusterListen != "" {
+		if cfg.Cluster, err = c.cluster(); err != nil {
+			return bus.ServerConfig{}, err
+		}
+		if cfg.ServerName == "" {
+			cfg.ServerName, _ = os.Hostname()
+		}
 	}
-	if port == 0 {
-		port = -1 // the server's "any free port"
-	}
-	cfg := bus.ServerConfig{DataDir: filepath.Join(dataDir, "nats"), Host: host, Port: port, Identities: c.Identities, TLS: c.TLS}
 	switch c.Sync {
 	case "", "always":
 		cfg.SyncAlways = true
@@ -80,6 +95,36 @@ func (c NATSConfig) ServerConfig(dataDir string) (bus.ServerConfig, error) {
 		cfg.SyncInterval = d
 	}
 	return cfg, nil
+}
+
+// cluster is the embedded server's cluster.
+func (c NATSConfig) cluster() (*bus.Cluster, error) {
+	host, port, err := hostPort(c.ClusterListen)
+	if err != nil {
+		return nil, fmt.Errorf("cluster listen %q: %w", c.ClusterListen, err)
+	}
+	name := c.ClusterName
+	if name == "" {
+		name = "loom"
+	}
+	return &bus.Cluster{Name: name, Host: host, Port: port, Routes: c.Routes, TLS: c.RouteTLS}, nil
+}
+
+// hostPort splits a listen address; port 0 becomes the server's "any free
+// port", -1.
+func hostPort(listen string) (string, int, error) {
+	host, portText, err := net.SplitHostPort(listen)
+	if err != nil {
+		return "", 0, err
+	}
+	port, err := strconv.Atoi(portText)
+	if err != nil || port < 0 || port > 65535 {
+		return "", 0, errors.New("bad port")
+	}
+	if port == 0 {
+		port = -1
+	}
+	return host, port, nil
 }
 
 // Connection is a NATS connection, and the embedded server behind it if any.
