@@ -184,3 +184,22 @@ func (s *Server) Stop() {
 	s.Shutdown()
 	s.WaitForShutdown()
 }
+
+// WaitForJetStream waits until a server of a cluster knows its cluster's
+// JetStream leader, which takes the other servers: until then JetStream's
+// API goes unanswered. A server alone returns at once.
+func (s *Server) WaitForJetStream(ctx context.Context) error {
+	if !s.JetStreamIsClustered() {
+		return nil
+	}
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for !s.JetStreamIsCurrent() {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("nats server: no JetStream leader in the cluster yet (are a majority of its servers up, their routes reachable?): %w", ctx.Err())
+		case <-tick.C:
+		}
+	}
+	return nil
+}

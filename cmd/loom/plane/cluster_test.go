@@ -111,13 +111,13 @@ func TestCluster_RoutesOnlyOverTLSFromTheCA(t *testing.T) {
 		return conn
 	}
 	a1, a3 := admin(0), admin(2)
-	eventually.WaitFor(t, 30*time.Second, "streams of three replicas", func() error {
-		// Until the cluster has elected a meta leader, API requests go
-		// unanswered: each try gets a short while.
-		try, cancel := context.WithTimeout(ctx, 3*time.Second)
-		defer cancel()
-		return bus.EnsureStreams(try, a1.JS, bus.StreamsConfig{Replicas: 3})
-	})
+	// Until the cluster has a JetStream leader, API requests go unanswered.
+	if err := servers[0].WaitForJetStream(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := bus.EnsureStreams(ctx, a1.JS, bus.StreamsConfig{Replicas: 3}); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := a1.JS.Publish(ctx, events.EventSubject(events.KindVM, "web"), []byte("x")); err != nil {
 		t.Fatal(err)
 	}

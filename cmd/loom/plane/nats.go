@@ -162,6 +162,13 @@ func Connect(ctx context.Context, cfg NATSConfig, dataDir, name string, log *slo
 		}
 		conn.URL = conn.Server.ClientURL()
 		log.Info("embedded NATS started", "url", conn.URL, "store", scfg.DataDir, "sync_always", scfg.SyncAlways, "sync_interval", scfg.SyncInterval)
+		if scfg.Cluster != nil {
+			log.Info("waiting for the cluster's JetStream leader", "routes", scfg.Cluster.Routes)
+			if err := conn.Server.WaitForJetStream(ctx); err != nil {
+				conn.Close()
+				return nil, err
+			}
+		}
 	}
 	if err := conn.setUpStreams(ctx, cfg, name); err != nil {
 		conn.Close()
