@@ -204,6 +204,19 @@ func TestCLI_UpCreateGetTail(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "Authorization") || !strings.Contains(err.Error(), "--creds") {
 		t.Errorf("vm list without credentials: %v", err)
 	}
+	// Another Loom's credentials: the message names the identity, says the
+	// server does not know its key, and prints no secret.
+	strangerDir := filepath.Join(t.TempDir(), "creds")
+	if _, err := plane.InitCreds(strangerDir, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	stranger := plane.CredsFile(strangerDir, "client")
+	err = execute(t.Context(), &out, "--nats", url, "--creds", stranger, "--tls-ca", filepath.Join(dir, "creds", "ca.pem"), "vm", "list")
+	seed, _ := os.ReadFile(stranger)
+	if err == nil || !strings.Contains(err.Error(), "identity client ("+stranger+")") || !strings.Contains(err.Error(), "does not know this identity's key") ||
+		strings.Contains(err.Error()+out.String(), strings.TrimSpace(string(seed))) {
+		t.Errorf("vm list with another Loom's credentials: %v", err)
+	}
 	// A client's credentials do not read the event stream.
 	err = execute(t.Context(), &out, "--nats", url, "--creds", filepath.Join(dir, "creds", "client.nk"), "--timeout", "2s", "events", "tail", "--no-follow")
 	if err == nil {

@@ -151,8 +151,12 @@ func (f *clientFlags) connect(role bus.Role) (*client, error) {
 	if errors.As(err, &unknownCA) || (err != nil && strings.Contains(err.Error(), "x509")) {
 		return nil, fmt.Errorf("connect to %s: %w (give --tls-ca: the CA that signed the server's certificate; loom up keeps it as DATA-DIR/creds/ca.pem)", f.url, err)
 	}
-	if errors.Is(err, nats.ErrAuthorization) {
+	if errors.Is(err, nats.ErrAuthorization) && access.Creds == "" {
 		return nil, fmt.Errorf("connect to %s %s: %w (give --creds: loom up keeps them in DATA-DIR/creds)", f.url, who, err)
+	}
+	if errors.Is(err, nats.ErrAuthorization) {
+		return nil, fmt.Errorf("connect to %s %s: %w (the server does not know this identity's key: "+
+			"loom init --data-dir DIR on the server's machine adds identities to its creds/identities.json, or these credentials are another Loom's)", f.url, who, err)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("connect to %s: %w (is `loom up` or `loom serve` running? set --nats or LOOM_NATS)", f.url, err)
