@@ -48,11 +48,13 @@ func TestCLI_SignedObservations(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	for _, h := range hosts {
-		key, err := hostkey.Load(filepath.Join(dir, "host-keys", h.Name+".nk"))
+		// One key per host: its agent's NATS identity signs its reports.
+		path := plane.CredsFile(plane.CredsDir(dir), plane.AgentName(h.Name))
+		key, err := hostkey.Load(path)
 		if err != nil {
 			t.Fatal(err)
 		}
-		pub, err := os.ReadFile(filepath.Join(dir, "host-keys", h.Name+".pub"))
+		pub, err := os.ReadFile(hostkey.PublicPath(path))
 		if err != nil || h.Key != key.Public() || strings.TrimSpace(string(pub)) != key.Public() {
 			t.Fatalf("host %s registered with key %q; its key file holds %s, its .pub %q (%v)", h.Name, h.Key, key.Public(), pub, err)
 		}
