@@ -10,6 +10,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"runtime"
 	"sync"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -70,23 +71,25 @@ func runVerify(ctx context.Context, w io.Writer, flags *clientFlags, vf verifyFl
 			return events.Errorf(events.CodeInvalidArgument, "%v", err)
 		}
 	}
-	v := audit.NewVerifier(keys, pin)
+	// The signatures and hashes of messages are checked ahead, on every
+	// CPU; the Verifier reads them in order.
+	v := audit.NewAhead(audit.NewVerifier(keys, pin), runtime.GOMAXPROCS(0))
 	var source string
 	if vf.file != "" {
 		source = vf.file
-		err = verifyFile(vf.file, v)
+		err = verifyFile(vf.file, v.Add)
 	} else {
 		source = events.StreamEvents
 		var c *client
 		if c, err = flags.connect(bus.RoleAuditor); err == nil {
 			defer c.close()
-			err = verifyStream(ctx, c, v)
+			err = verifyStream(ctx, c, v.Add)
 		}
 	}
+	report := v.Finish()
 	if err != nil {
 		return err
 	}
-	report := v.Finish()
 	if flags.output == "json" {
 		if err := json.NewEncoder(w).Encode(report); err != nil {
 			return err
@@ -158,9 +161,9 @@ func printReport(w io.Writer, source string, r *audit.Report, pin *audit.Pin, pi
 	return nil
 }
 
-// verifyStream feeds the stream to v, from its first message to the last
+// verifyStream feeds the stream to add, from its first message to the last
 // one it held when verify began.
-func verifyStream(ctx context.Context, c *client, v *audit.Verifier) error {
+func verifyStream(ctx context.Context, c *client, add func(*audit.Message)) error {
 	js, _, info, err := c.eventsStream(ctx)
 	if err != nil {
 		return err
@@ -168,7 +171,7 @@ func verifyStream(ctx context.Context, c *client, v *audit.Verifier) error {
 	if info.State.LastSeq == 0 {
 		return nil
 	}
-	_, err = readStream(ctx, js, info.State.LastSeq, func(m *audit.Message) { v.Add(m) })
+	_, err = readStream(ctx, js, info.State.LastSeq, add)
 	return err
 }
 
@@ -225,8 +228,8 @@ func readStream(ctx context.Context, js jetstream.JetStream, last uint64, add fu
 	}
 }
 
-// verifyFile feeds an export file to v, line by line.
-func verifyFile(path string, v *audit.Verifier) error {
+// verifyFile feeds an export file to add, line by line.
+func verifyFile(path string, add func(*audit.Message)) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return events.Errorf(events.CodeInvalidArgument, "%v", err)
@@ -244,7 +247,7 @@ func verifyFile(path string, v *audit.Verifier) error {
 		if err := json.Unmarshal(scanner.Bytes(), &line); err != nil || line.Seq == 0 {
 			return events.Errorf(events.CodeBadRequest, "%s line %d: not a line of loom audit export (%v)", path, n, err)
 		}
-		v.Add(&audit.Message{Seq: line.Seq, Subject: line.Subject, Header: line.Header, Data: line.Raw})
+		add(&audit.Message{Seq: line.Seq, Subject: line.Subject, Header: line.Header, Data: line.Raw})
 	}
 	return scanner.Err()
 }

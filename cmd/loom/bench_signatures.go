@@ -12,7 +12,6 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/loomctl/loom/agents"
-	"github.com/loomctl/loom/events/audit"
 	"github.com/loomctl/loom/events/hostkey"
 	"github.com/loomctl/loom/projections"
 )
@@ -148,12 +147,10 @@ func benchSignedHistories(ctx context.Context, cfg benchConfig, dir string) (uns
 				return unsigned, signed, err
 			}
 			run.raw, run.rebuild = max(run.raw, result.Raw), max(run.rebuild, result.Rebuild)
-			v := audit.NewVerifier(nil, nil)
-			took, err := timeRead(ctx, js[i], run.events, v.Add)
+			took, r, err := timeVerify(ctx, js[i], run.events, nil)
 			if err != nil {
 				return unsigned, signed, err
 			}
-			r := v.Finish()
 			if !r.OK() || (sign && r.Unchecked > 0) || (!sign && r.Signed > 0) {
 				return unsigned, signed, fmt.Errorf("the bench history (signed %v) does not verify: %d signed, %d unchecked, %v", sign, r.Signed, r.Unchecked, r.Problems)
 			}

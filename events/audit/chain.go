@@ -42,6 +42,8 @@ type Message struct {
 	// Header is the message's stored headers (nats.Header's shape).
 	Header map[string][]string
 	Data   []byte
+	// pre is what Ahead worked out of it, if it did.
+	pre precheck
 }
 
 // Hasher computes leaves and roots without allocating per message. It is

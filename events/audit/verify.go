@@ -172,13 +172,17 @@ func (v *Verifier) record(p Problem) {
 // Add reads the next message of the history.
 func (v *Verifier) Add(m *Message) {
 	v.sequence(m.Seq)
-	leaf := v.x.Leaf(m)
+	var leaf, hash Hash
+	if m.pre.done {
+		leaf, hash = m.pre.leaf, m.pre.hash
+	} else {
+		leaf, hash = v.x.Leaf(m), sha256.Sum256(m.Data)
+	}
 	v.root = v.x.Next(v.root, leaf)
 	v.pending = append(v.pending, pending{seq: m.Seq, leaf: leaf, root: v.root})
 
 	// Whatever it holds, it is the subject's last message now: the next
 	// event on the subject names its hash.
-	hash := Hash(sha256.Sum256(m.Data))
 	defer func() { v.heads[m.Subject] = head{seq: m.Seq, hash: hash} }()
 	env := &v.env
 	*env = events.Envelope{}

@@ -111,7 +111,7 @@ func TestVerify_SignedObservations(t *testing.T) {
 			bad := tc.attack(h)
 			h.observe("h1", "web", running, h1) // the agent goes on after it
 			h.seal()
-			r := verify(h.msgs, []ed25519.PublicKey{pub(sealKey)}, nil)
+			r := verify(t, h.msgs, []ed25519.PublicKey{pub(sealKey)}, nil)
 			if len(r.Problems) != 1 || r.Problems[0].Code != tc.code || r.Problems[0].Seq != h.msgs[bad].Seq {
 				t.Fatalf("problems %v, want exactly %s at seq %d", r.Problems, tc.code.Name(), h.msgs[bad].Seq)
 			}
@@ -136,15 +136,45 @@ func TestVerify_KeyFromItsRegistrationOn(t *testing.T) {
 	h.registerHost("h1", key)
 	changed := h.observe("h1", "web", running, key)
 	h.observe("h1", "web", events.VMObserved{UID: "u", Incarnation: 3, State: events.ObservedPaused}, key)
-	r := verify(h.msgs, []ed25519.PublicKey{pub(sealKey)}, nil)
+	r := verify(t, h.msgs, []ed25519.PublicKey{pub(sealKey)}, nil)
 	if !r.OK() || r.Signed != 2 || r.Unchecked != 1 {
 		t.Fatalf("problems %v, %d signed, %d unchecked; want none, 2, 1", r.Problems, r.Signed, r.Unchecked)
 	}
 	doctored := copyMsgs(h.msgs)
 	doctored[changed].Data = changeActor(t, doctored[changed].Data)
-	r = verify(doctored, []ed25519.PublicKey{pub(sealKey)}, nil)
+	r = verify(t, doctored, []ed25519.PublicKey{pub(sealKey)}, nil)
 	bad, ok := r.FirstBad()
 	if !ok || bad.Seq != doctored[changed].Seq {
 		t.Fatalf("problems %v, want the changed observation at %d first", r.Problems, doctored[changed].Seq)
+	}
+}
+
+// TestAhead_SameReportAsTheVerifierAlone: a signature worked out ahead,
+// for the key and place its headers name, counts only where those are the
+// host's key and the subject's previous message as the Verifier read
+// them. A report signed by another host's key, and one whose previous
+// message was cut from the history (its signature holds for the place its
+// header names, which is no longer its place), get the same verdict both
+// ways: verify runs each history alone and through Ahead, and compares.
+func TestAhead_SameReportAsTheVerifierAlone(t *testing.T) {
+	sealKey := newKey(t)
+	h1, h2 := mustKey(t), mustKey(t)
+	h := newHistory(t, sealKey)
+	h.registerHost("h1", h1)
+	for i := range 6 {
+		h.observe("h1", "web", events.VMObserved{UID: "u", Incarnation: uint64(i + 1), State: events.ObservedRunning}, h1)
+	}
+	other := h.observe("h1", "web", events.VMObserved{UID: "u", Incarnation: 9, State: events.ObservedCrashed}, h2)
+	h.seal()
+	if r := verify(t, h.msgs, []ed25519.PublicKey{pub(sealKey)}, nil); len(r.Problems) != 1 || r.Problems[0].Seq != h.msgs[other].Seq {
+		t.Fatalf("problems %v, want the report signed by h2's key only", r.Problems)
+	}
+	cut := append(copyMsgs(h.msgs[:4]), copyMsgs(h.msgs[5:])...)
+	r := verify(t, cut, []ed25519.PublicKey{pub(sealKey)}, nil)
+	if bad, ok := r.FirstBad(); !ok || bad.Code != events.CodeHistoryGap {
+		t.Fatalf("problems %v, want the gap first", r.Problems)
+	}
+	if r.Signed != 4 {
+		t.Errorf("%d signatures held, want 4: the one after the cut is not for its place", r.Signed)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"fmt"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -80,12 +81,31 @@ func build(t *testing.T, key ed25519.PrivateKey, n, every int) *history {
 	return h
 }
 
-func verify(msgs []Message, keys []ed25519.PublicKey, pin *Pin) *Report {
+// verify checks msgs with a Verifier alone, and again through Ahead (on
+// three workers, in batches of five, with the pin as it was), and fails the test if the two
+// reports differ: every test of the Verifier is one of Ahead too.
+func verify(t *testing.T, msgs []Message, keys []ed25519.PublicKey, pin *Pin) *Report {
+	t.Helper()
+	var pinAhead *Pin
+	if pin != nil {
+		cp := *pin
+		cp.Keys = slices.Clone(pin.Keys)
+		pinAhead = &cp
+	}
 	v := NewVerifier(keys, pin)
 	for i := range msgs {
 		v.Add(&msgs[i])
 	}
-	return v.Finish()
+	alone := v.Finish()
+	a := newAhead(NewVerifier(keys, pinAhead), 3, 5)
+	for i := range msgs {
+		m := msgs[i]
+		a.Add(&m)
+	}
+	if ahead := a.Finish(); !reflect.DeepEqual(alone, ahead) {
+		t.Fatalf("checked ahead, the report differs:\n%+v\nalone:\n%+v", ahead, alone)
+	}
+	return alone
 }
 
 func newKey(t *testing.T) ed25519.PrivateKey {
@@ -123,7 +143,7 @@ func TestVerify_OriginalPassesAndPins(t *testing.T) {
 	key := newKey(t)
 	h := build(t, key, 40, 10)
 	h.event("vm-0", 0) // one unsealed
-	r := verify(h.msgs, []ed25519.PublicKey{pub(key)}, nil)
+	r := verify(t, h.msgs, []ed25519.PublicKey{pub(key)}, nil)
 	if !r.OK() {
 		t.Fatalf("original: %v", r.Problems)
 	}
@@ -131,7 +151,7 @@ func TestVerify_OriginalPassesAndPins(t *testing.T) {
 		t.Fatalf("report = %d seals, last %+v, %d unsealed; want 4, seal at 44 to 43, 2 unsealed", r.Seals, r.LastSeal, r.Unsealed)
 	}
 	pin := Advanced(nil, r, []string{KeyID(pub(key))})
-	if r := verify(h.msgs, []ed25519.PublicKey{pub(key)}, pin); !r.OK() {
+	if r := verify(t, h.msgs, []ed25519.PublicKey{pub(key)}, pin); !r.OK() {
 		t.Fatalf("against its own pin: %v", r.Problems)
 	}
 }
@@ -143,7 +163,7 @@ func TestVerify_CatchesEachDoctoring(t *testing.T) {
 	key := newKey(t)
 	h := build(t, key, 60, 10)
 	keys := []ed25519.PublicKey{pub(key)}
-	original := verify(h.msgs, keys, nil)
+	original := verify(t, h.msgs, keys, nil)
 	pin := Advanced(nil, original, []string{KeyID(pub(key))})
 	// Messages 1..10 are events, 11 a seal, 12..21 events (vm-(i%5)),
 	// 22 a seal, and so on.
@@ -199,7 +219,7 @@ func TestVerify_CatchesEachDoctoring(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			r := verify(tt.doctor(copyMsgs(h.msgs)), keys, pin)
+			r := verify(t, tt.doctor(copyMsgs(h.msgs)), keys, pin)
 			bad, ok := r.FirstBad()
 			if !ok {
 				t.Fatal("the doctored copy verified")
@@ -209,7 +229,7 @@ func TestVerify_CatchesEachDoctoring(t *testing.T) {
 			}
 		})
 	}
-	if r := verify(h.msgs, keys, pin); !r.OK() {
+	if r := verify(t, h.msgs, keys, pin); !r.OK() {
 		t.Fatalf("the original, after: %v", r.Problems)
 	}
 }
@@ -241,7 +261,7 @@ func TestVerify_RootCatchesWhatChainsCannot(t *testing.T) {
 	swapped := copyMsgs(h.msgs)
 	swapped[19], swapped[20] = swapped[20], swapped[19]
 	swapped[19].Seq, swapped[20].Seq = 20, 21
-	r := verify(swapped, keys, nil)
+	r := verify(t, swapped, keys, nil)
 	if bad, ok := r.FirstBad(); !ok || bad.Code != events.CodeSealMismatch || bad.Seq != 11 || bad.Through != 21 {
 		t.Fatalf("swap: %v; want seal_mismatch over 11 to 21", r.Problems)
 	}
@@ -259,7 +279,7 @@ func TestVerify_WrongKeyFailsLoudly(t *testing.T) {
 	key := newKey(t)
 	h := build(t, key, 20, 10)
 	other := newKey(t)
-	r := verify(h.msgs, []ed25519.PublicKey{pub(other)}, nil)
+	r := verify(t, h.msgs, []ed25519.PublicKey{pub(other)}, nil)
 	bad, ok := r.FirstBad()
 	if !ok || bad.Code != events.CodeUnknownKey || !strings.Contains(bad.Message, KeyID(pub(key))) || !strings.Contains(bad.Message, KeyID(pub(other))) {
 		t.Fatalf("wrong key: %v; want unknown_key naming both key ids", r.Problems)
@@ -267,7 +287,7 @@ func TestVerify_WrongKeyFailsLoudly(t *testing.T) {
 	// A seal whose signature was changed, under the right key id.
 	doctored := copyMsgs(h.msgs)
 	doctored[10].Data = resign(t, doctored[10].Data, other, KeyID(pub(key)))
-	r = verify(doctored, []ed25519.PublicKey{pub(key)}, nil)
+	r = verify(t, doctored, []ed25519.PublicKey{pub(key)}, nil)
 	if bad, ok := r.FirstBad(); !ok || bad.Code != events.CodeBadSignature || bad.Seq != 11 {
 		t.Fatalf("forged signature: %v; want bad_signature at 11", r.Problems)
 	}
@@ -301,7 +321,7 @@ func TestVerify_CorruptMessageReportedWithItsSequence(t *testing.T) {
 	h := build(t, key, 20, 10)
 	doctored := copyMsgs(h.msgs)
 	doctored[4].Data = []byte{0xc1, 0xff}
-	r := verify(doctored, []ed25519.PublicKey{pub(key)}, nil)
+	r := verify(t, doctored, []ed25519.PublicKey{pub(key)}, nil)
 	if len(r.Problems) == 0 || r.Problems[0].Code != events.CodeCorruptEvent || r.Problems[0].Seq != 5 {
 		t.Fatalf("corrupt message: %v; want corrupt_event at 5 first", r.Problems)
 	}
