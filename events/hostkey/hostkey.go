@@ -52,6 +52,7 @@ import (
 	"path/filepath"
 
 	"github.com/nats-io/nkeys"
+	voi "github.com/oasisprotocol/curve25519-voi/primitives/ed25519"
 
 	"github.com/loomctl/loom/events/secretfile"
 )
@@ -251,12 +252,22 @@ const maxCachedKeys = 4096
 // nothing per signature. It is not safe for concurrent use.
 type Verifier struct {
 	keys map[string]ed25519.PublicKey
-	msg  []byte
-	src  []byte
+	// expanded are the keys it verified with, by their bytes, decompressed
+	// once for the curve arithmetic.
+	expanded map[string]*voi.ExpandedPublicKey
+	msg      []byte
+	src      []byte
 }
 
 // NewVerifier returns a Verifier.
-func NewVerifier() *Verifier { return &Verifier{keys: map[string]ed25519.PublicKey{}} }
+func NewVerifier() *Verifier {
+	return &Verifier{keys: map[string]ed25519.PublicKey{}, expanded: map[string]*voi.ExpandedPublicKey{}}
+}
+
+// stdlib makes voi's verification give crypto/ed25519's verdict on every
+// input (cofactorless, the same encodings accepted), so the read models,
+// the auditor and anyone checking with the standard library agree.
+var stdlib = &voi.Options{Verify: voi.VerifyOptionsStdLib}
 
 // Key parses a public key, "U…", keeping it for the next call.
 func (v *Verifier) Key(public string) (ed25519.PublicKey, error) {
@@ -288,7 +299,23 @@ func (v *Verifier) Decode(sig *[SignatureSize]byte, value string) bool {
 // Verify tells whether sig is key's signature of an observation appended
 // to subject after the message at prevSeq, whose stored bytes hash to
 // digest.
+//
+// It verifies with curve25519-voi and the key decompressed once, which
+// takes 60 % of the time crypto/ed25519 takes (28 µs against 46 on the
+// machines of the README), with the standard library's verdict.
 func (v *Verifier) Verify(key ed25519.PublicKey, subject string, prevSeq uint64, digest []byte, sig *[SignatureSize]byte) bool {
 	v.msg = Message(v.msg[:0], subject, prevSeq, digest)
-	return ed25519.Verify(key, v.msg, sig[:])
+	expanded, ok := v.expanded[string(key)]
+	if !ok {
+		var err error
+		if expanded, err = voi.NewExpandedPublicKey(voi.PublicKey(key)); err != nil {
+			// A key voi will not decompress: the standard library says.
+			return ed25519.Verify(key, v.msg, sig[:])
+		}
+		if len(v.expanded) >= maxCachedKeys {
+			clear(v.expanded)
+		}
+		v.expanded[string(key)] = expanded
+	}
+	return voi.VerifyExpandedWithOptions(expanded, v.msg, sig[:], stdlib)
 }
