@@ -43,9 +43,9 @@ func CAFile(dir string) string { return filepath.Join(dir, caCertFile) }
 // InitTLS makes, in dir, the server's certificate for localhost, the
 // loopback addresses, this machine's name and names, unless it exists,
 // signed by dir's CA, which it makes first if there is none. Each server
-// of a cluster has its own certificate from one CA: copy ca.pem and
-// ca-key.pem to a new server's credentials directory and run loom init
-// there. Bring your own by replacing server.pem and server-key.pem (and
+// of a cluster has its own certificate from one CA: copy the first
+// server's credentials directory but server.pem and server-key.pem to the
+// new server, and run loom init there. Bring your own by replacing server.pem and server-key.pem (and
 // ca.pem, which clients are given).
 func InitTLS(dir string, names []string) (made bool, err error) {
 	if _, err := os.Stat(filepath.Join(dir, serverCertFile)); err == nil {
