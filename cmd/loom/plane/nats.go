@@ -170,7 +170,7 @@ func Connect(ctx context.Context, cfg NATSConfig, dataDir, name string, log *slo
 			}
 		}
 	}
-	if err := conn.setUpStreams(ctx, cfg, name); err != nil {
+	if err := conn.setUpStreams(ctx, cfg, name, log); err != nil {
 		conn.Close()
 		return nil, err
 	}
@@ -189,7 +189,7 @@ func Connect(ctx context.Context, cfg NATSConfig, dataDir, name string, log *slo
 
 // setUpStreams creates or updates Loom's streams, as the admin identity
 // when there are credentials, on a connection of its own.
-func (c *Connection) setUpStreams(ctx context.Context, cfg NATSConfig, name string) error {
+func (c *Connection) setUpStreams(ctx context.Context, cfg NATSConfig, name string, log *slog.Logger) error {
 	if cfg.Creds != "" && cfg.AdminCreds == "" {
 		return nil // not allowed to: Connect checks them instead
 	}
@@ -198,8 +198,26 @@ func (c *Connection) setUpStreams(ctx context.Context, cfg NATSConfig, name stri
 		return err
 	}
 	defer admin.Close()
-	return bus.EnsureStreams(ctx, admin.JS, bus.StreamsConfig{Replicas: cfg.Replicas})
+	streams := bus.StreamsConfig{Replicas: cfg.Replicas}
+	if cfg.Replicas <= 1 && cfg.ClusterListen == "" {
+		return bus.EnsureStreams(ctx, admin.JS, streams)
+	}
+	// In a cluster, a JetStream request that meets a leader election (the
+	// servers start together, and each server's control plane sets the
+	// streams up at once) is dropped, not refused: each try gets a while.
+	for {
+		try, cancel := context.WithTimeout(ctx, clusterTry)
+		err := bus.EnsureStreams(try, admin.JS, streams)
+		cancel()
+		if err == nil || ctx.Err() != nil || !errors.Is(err, context.DeadlineExceeded) {
+			return err
+		}
+		log.Warn("the cluster did not answer in time; trying again", "err", err)
+	}
 }
+
+// clusterTry bounds one try at the streams in a cluster.
+const clusterTry = 5 * time.Second
 
 // Join connects to a running Loom's NATS at url without touching its
 // streams: what a host agent does. Only the control plane creates streams.
