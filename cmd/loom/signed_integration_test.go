@@ -21,6 +21,7 @@ import (
 	"github.com/loomctl/loom/events/audit"
 	"github.com/loomctl/loom/events/bus"
 	"github.com/loomctl/loom/events/hostkey"
+	"github.com/loomctl/loom/internal/eventually"
 )
 
 // TestCLI_SignedObservations is issue 6's signed observations through the
@@ -38,15 +39,16 @@ func TestCLI_SignedObservations(t *testing.T) {
 	// Every host is registered with the key its agent signs with.
 	keys := map[string]*hostkey.Key{}
 	var hosts []events.HostView
-	for deadline := time.Now().Add(30 * time.Second); ; {
-		if err := json.Unmarshal([]byte(must("host", "list", "-o", "json")), &hosts); err == nil && len(hosts) == 2 && hosts[1].Key != "" {
-			break
+	eventually.WaitFor(t, 30*time.Second, "both hosts registered with keys", func() error {
+		hosts = nil
+		if err := json.Unmarshal([]byte(must("host", "list", "-o", "json")), &hosts); err != nil {
+			return err
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("hosts not registered with keys: %+v", hosts)
+		if len(hosts) != 2 || hosts[0].Key == "" || hosts[1].Key == "" {
+			return fmt.Errorf("hosts %+v", hosts)
 		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		return nil
+	})
 	for _, h := range hosts {
 		// One key per host: its agent's NATS identity signs its reports.
 		path := plane.CredsFile(plane.CredsDir(dir), plane.AgentName(h.Name))
