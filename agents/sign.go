@@ -1,10 +1,6 @@
 package agents
 
 import (
-	"strconv"
-
-	"github.com/nats-io/nats.go/jetstream"
-
 	"github.com/loomctl/loom/events"
 	"github.com/loomctl/loom/events/bus"
 )
@@ -27,12 +23,9 @@ func (a *Agent) mine(m bus.Message, prevSeq uint64, known bool) bool {
 		return true
 	}
 	if !known {
-		other := m.Header.Get(bus.HeaderExpectedLastSubjSeqSubject)
-		expected, err := strconv.ParseUint(m.Header.Get(jetstream.ExpectedLastSubjSeqHeader), 10, 64)
-		if err != nil || (other != "" && other != m.Subject) {
+		if prevSeq, known = bus.ExpectedOnSubject(m.Header, m.Subject); !known {
 			return false
 		}
-		prevSeq = expected
 	}
 	return key.Signed(m.Subject, prevSeq, events.Hash(m.Data), m.Header.Get(events.HeaderSig))
 }

@@ -24,10 +24,15 @@ func (ClaimedActors) Actor(h nats.Header) (string, *events.Fault) {
 	if actor == "" {
 		actor = AnonymousActor
 	}
+	return actor, checkActorLen(actor)
+}
+
+// checkActorLen bounds an actor, whatever it is made of.
+func checkActorLen(actor string) *events.Fault {
 	if len(actor) > MaxActorLen {
-		return "", events.Errorf(events.CodeInvalidArgument, "%s header is %d bytes, at most %d allowed", events.HeaderActor, len(actor), MaxActorLen)
+		return events.Errorf(events.CodeInvalidArgument, "the actor (%s header, after the identity if any) is %d bytes, at most %d allowed", events.HeaderActor, len(actor), MaxActorLen)
 	}
-	return actor, nil
+	return nil
 }
 
 // AttestedActors takes the actor from the identity the NATS server
@@ -62,8 +67,5 @@ func (a AttestedActors) Actor(h nats.Header) (string, *events.Fault) {
 	if claimed := h.Get(events.HeaderActor); claimed != "" {
 		actor += "/" + claimed
 	}
-	if len(actor) > MaxActorLen {
-		return "", events.Errorf(events.CodeInvalidArgument, "%s header is %d bytes, at most %d allowed with the identity before it", events.HeaderActor, len(actor), MaxActorLen)
-	}
-	return actor, nil
+	return actor, checkActorLen(actor)
 }

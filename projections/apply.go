@@ -9,6 +9,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/bus"
 	"github.com/loomctl/loom/events/hostkey"
 )
 
@@ -28,7 +29,7 @@ type delivery struct {
 	// head, and what an observation's signature covers.
 	hash []byte
 	// sig is an observation's signature, as its headers give it.
-	sig signature
+	sig hostkey.Claim
 	// pending is how many messages the stream held after this one when it
 	// was delivered; zero means the runner has caught up.
 	pending uint64
@@ -45,7 +46,7 @@ func decodeDelivery(seq uint64, subject string, stored time.Time, data []byte, h
 	if d.addrErr == nil {
 		d.hash = events.Hash(data)
 		if d.addr.Observed {
-			d.sig = readSignature(header, subject, d.hash, v)
+			d.sig = bus.ReadClaim(v, header, subject, d.hash)
 		}
 	}
 	return d

@@ -4,14 +4,10 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"strconv"
 
 	"github.com/cockroachdb/pebble/v2"
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/loomctl/loom/events"
-	"github.com/loomctl/loom/events/bus"
 	"github.com/loomctl/loom/events/hostkey"
 )
 
@@ -56,49 +52,6 @@ type Unsafe struct {
 	NoSignatureCheck bool
 }
 
-// signature is an observation's signature as its headers give it, checked
-// ahead where the headers allowed.
-type signature struct {
-	// present: the message has a Loom-Sig header; decoded: it holds a
-	// signature.
-	present, decoded bool
-	sig              [hostkey.SignatureSize]byte
-	// signer is the Loom-Sig-Key header, prevSeq the sequence the message
-	// was appended expecting on its own subject.
-	signer  string
-	prevSeq uint64
-	// checked: sig was verified with signer's key after prevSeq; ok is the
-	// answer.
-	checked, ok bool
-}
-
-// readSignature reads an observation's signature from its headers and
-// verifies it at the place the headers name.
-func readSignature(header nats.Header, subject string, hash []byte, v *hostkey.Verifier) signature {
-	var s signature
-	value := header.Get(events.HeaderSig)
-	if value == "" {
-		return s
-	}
-	s.present = true
-	if s.decoded = v.Decode(&s.sig, value); !s.decoded {
-		return s
-	}
-	s.signer = header.Get(events.HeaderSigKey)
-	other := header.Get(bus.HeaderExpectedLastSubjSeqSubject)
-	expected, err := strconv.ParseUint(header.Get(jetstream.ExpectedLastSubjSeqHeader), 10, 64)
-	if err != nil || (other != "" && other != subject) {
-		return s
-	}
-	key, err := v.Key(s.signer)
-	if err != nil {
-		return s
-	}
-	s.prevSeq, s.checked = expected, true
-	s.ok = v.Verify(key, subject, expected, hash, &s.sig)
-	return s
-}
-
 // checkSignature checks an observation of a host registered with a key; it
 // returns a *rejection if it must not be applied, nil if it may (or its
 // host has no key), and any other error if the store failed.
@@ -117,18 +70,18 @@ func (b *batch) checkSignature(d *delivery) error {
 		return err
 	}
 	sig := &d.sig
-	if !sig.present {
+	if !sig.Present {
 		return &rejection{code: events.CodeUnsignedObservation,
 			reason: fmt.Sprintf("not signed, but host %s is registered with key %s: is its agent running without --host-key?", d.addr.Host, key)}
 	}
 	valid := false
 	switch {
-	case !sig.decoded:
-	case sig.checked && sig.signer == key && sig.prevSeq == prev.Seq:
-		valid = sig.ok
+	case !sig.Decoded:
+	case sig.Checked && sig.Signer == key && sig.PrevSeq == prev.Seq:
+		valid = sig.Valid
 	default:
 		if pub, err := b.r.keys.Key(key); err == nil {
-			valid = b.r.keys.Verify(pub, subject, prev.Seq, d.hash, &sig.sig)
+			valid = b.r.keys.Verify(pub, subject, prev.Seq, d.hash, &sig.Sig)
 		}
 	}
 	chained := bytes.Equal(d.rec.Envelope.PrevHash, prev.Hash)
@@ -148,12 +101,12 @@ func (b *batch) checkSignature(d *delivery) error {
 }
 
 // signedBy says which key the headers name, when it is not the host's.
-func signedBy(sig *signature, key string) string {
+func signedBy(sig *hostkey.Claim, key string) string {
 	switch {
-	case !sig.decoded:
+	case !sig.Decoded:
 		return " (its signature header is malformed)"
-	case sig.signer != key:
-		return fmt.Sprintf(" (it names %q as its signer)", sig.signer)
+	case sig.Signer != key:
+		return fmt.Sprintf(" (it names %q as its signer)", sig.Signer)
 	}
 	return ""
 }

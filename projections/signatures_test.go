@@ -308,10 +308,10 @@ func TestSignatures_AheadCheckChangesNothing(t *testing.T) {
 	}
 	checkedAhead := 0
 	for i := range deliveries {
-		if deliveries[i].sig.checked {
+		if deliveries[i].sig.Checked {
 			checkedAhead++
 		}
-		deliveries[i].sig.checked, deliveries[i].sig.ok = false, false
+		deliveries[i].sig.Checked, deliveries[i].sig.Valid = false, false
 	}
 	if checkedAhead == 0 {
 		t.Fatal("no signature was checked ahead")

@@ -134,13 +134,9 @@ func timeRead(ctx context.Context, js jetstream.JetStream, last uint64, add func
 func timeVerify(ctx context.Context, js jetstream.JetStream, last uint64, keys []ed25519.PublicKey) (time.Duration, *audit.Report, error) {
 	start := time.Now()
 	v := audit.NewAhead(audit.NewVerifier(keys, nil), runtime.GOMAXPROCS(0))
-	n, err := readStream(ctx, js, last, v.Add)
+	_, err := timeRead(ctx, js, last, v.Add)
 	r := v.Finish()
-	took := time.Since(start)
-	if err == nil && n != last {
-		err = fmt.Errorf("read %d messages, the stream holds %d", n, last)
-	}
-	return took, r, err
+	return time.Since(start), r, err
 }
 
 // timeReplay times loom audit replay's rebuild up to last into dir.

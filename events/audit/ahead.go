@@ -5,7 +5,7 @@ import (
 	"strings"
 	"sync"
 
-	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/bus"
 	"github.com/loomctl/loom/events/hostkey"
 )
 
@@ -24,13 +24,9 @@ import (
 type precheck struct {
 	done       bool
 	leaf, hash Hash
-	// signed is set for an observation with a signature, a signer and an
-	// expected-sequence header: valid says whether the signature holds
-	// for the key sigKey names, after prevSeq.
-	signed  bool
-	sigKey  string
-	prevSeq uint64
-	valid   bool
+	// claim is an observation's signature, verified at the place its
+	// headers name.
+	claim hostkey.Claim
 }
 
 // aheadBatch is how many messages travel between the stages at once.
@@ -142,13 +138,7 @@ func (c *checker) check(m *Message) {
 	p.leaf = c.x.Leaf(m)
 	p.hash = sha256.Sum256(m.Data)
 	if strings.HasPrefix(m.Subject, observationPrefix) {
-		value, signer := header(m, events.HeaderSig), header(m, events.HeaderSigKey)
-		if prev, ok := expectedSeq(m); ok && value != "" && signer != "" {
-			p.signed, p.sigKey, p.prevSeq = true, signer, prev
-			var sig [hostkey.SignatureSize]byte
-			key, err := c.sigs.Key(signer)
-			p.valid = err == nil && c.sigs.Decode(&sig, value) && c.sigs.Verify(key, m.Subject, prev, p.hash[:], &sig)
-		}
+		p.claim = bus.ReadClaim(c.sigs, m.Header, m.Subject, p.hash[:])
 	}
 	p.done = true
 }

@@ -8,17 +8,11 @@ import (
 	"fmt"
 	"slices"
 	"sort"
-	"strconv"
 	"strings"
 
 	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/bus"
 	"github.com/loomctl/loom/events/hostkey"
-)
-
-// Header names the verifier reads from stored messages.
-const (
-	headerExpectedSeq     = "Nats-Expected-Last-Subject-Sequence"
-	headerExpectedSubject = "Nats-Expected-Last-Subject-Sequence-Subject"
 )
 
 // hostSubjectPrefix starts the decision subjects of hosts.
@@ -227,7 +221,7 @@ func (v *Verifier) sequence(seq uint64) {
 // link checks that an event follows the previous event on its subject.
 func (v *Verifier) link(m *Message, env *events.Envelope) {
 	prev, ok := v.heads[m.Subject]
-	if expected, checked := expectedSeq(m); checked && expected > prev.seq {
+	if expected, checked := bus.ExpectedOnSubject(m.Header, m.Subject); checked && expected > prev.seq {
 		// The append was accepted only if the subject's last event was
 		// at expected. If this event still names the one before it by
 		// hash, that one was moved there from expected; otherwise the
@@ -251,20 +245,6 @@ func (v *Verifier) link(m *Message, env *events.Envelope) {
 		}
 		v.problem(prev.seq, m.Subject, events.CodeChainBroken, "the event at %d is not the one the next event on its subject (at %d) names as its previous: it was changed", prev.seq, m.Seq)
 	}
-}
-
-// expectedSeq is the expected-last-subject-sequence an event was stored
-// under, when the check was on its own subject.
-func expectedSeq(m *Message) (uint64, bool) {
-	values := m.Header[headerExpectedSeq]
-	if len(values) != 1 {
-		return 0, false
-	}
-	if other := m.Header[headerExpectedSubject]; len(other) != 0 && other[0] != m.Subject {
-		return 0, false
-	}
-	seq, err := strconv.ParseUint(values[0], 10, 64)
-	return seq, err == nil
 }
 
 // gapAfter is the first missing sequence after seq, or zero.

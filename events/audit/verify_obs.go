@@ -72,9 +72,9 @@ func (v *Verifier) observation(m *Message, env *events.Envelope, hash *Hash) boo
 		return false
 	}
 	var valid bool
-	if p := &m.pre; p.signed && p.sigKey == key.public && p.prevSeq == prev.seq {
+	if c := &m.pre.claim; c.Checked && c.Signer == key.public && c.PrevSeq == prev.seq {
 		// Worked out ahead for this very key and place (ahead.go).
-		valid = p.valid
+		valid = c.Valid
 	} else {
 		var sig [hostkey.SignatureSize]byte
 		valid = v.sigs.Decode(&sig, value) && v.sigs.Verify(key.key, m.Subject, prev.seq, hash[:], &sig)

@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/loomctl/loom/events"
 	"github.com/loomctl/loom/events/hostkey"
 )
@@ -22,8 +24,8 @@ func (h *history) observe(host, vm string, ev events.Event, key *hostkey.Key) in
 		h.t.Fatal(err)
 	}
 	m := Message{Seq: seq, Subject: subject, Data: data, Header: map[string][]string{
-		headerExpectedSeq: {strconv.FormatUint(prevSeq, 10)},
-		events.HeaderType: {string(ev.EventType())},
+		jetstream.ExpectedLastSubjSeqHeader: {strconv.FormatUint(prevSeq, 10)},
+		events.HeaderType:                   {string(ev.EventType())},
 	}}
 	if key != nil {
 		m.Header[events.HeaderSigKey] = []string{key.Public()}
@@ -39,7 +41,7 @@ func (h *history) again(i int) int {
 	m := copyMsgs(h.msgs[i : i+1])[0]
 	prevSeq, _ := h.prev(m.Subject)
 	m.Seq = uint64(len(h.msgs) + 1)
-	m.Header[headerExpectedSeq] = []string{strconv.FormatUint(prevSeq, 10)}
+	m.Header[jetstream.ExpectedLastSubjSeqHeader] = []string{strconv.FormatUint(prevSeq, 10)}
 	h.add(m)
 	return len(h.msgs) - 1
 }

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/loomctl/loom/events"
 )
 
@@ -49,8 +51,8 @@ func (h *history) store(subject string, ev events.Event, kind events.Kind, id st
 		h.t.Fatal(err)
 	}
 	m := Message{Seq: seq, Subject: subject, Data: data, Header: map[string][]string{
-		headerExpectedSeq: {strconv.FormatUint(prevSeq, 10)},
-		events.HeaderType: {string(ev.EventType())},
+		jetstream.ExpectedLastSubjSeqHeader: {strconv.FormatUint(prevSeq, 10)},
+		events.HeaderType:                   {string(ev.EventType())},
 	}}
 	h.msgs = append(h.msgs, m)
 	h.heads[subject] = seq

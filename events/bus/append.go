@@ -31,6 +31,22 @@ var (
 // name for it).
 const HeaderExpectedLastSubjSeqSubject = "Nats-Expected-Last-Subject-Sequence-Subject"
 
+// ExpectedOnSubject is the expected-last-subject-sequence a stored message
+// was appended under, as Append's headers say it, when the check was on the
+// message's own subject: the sequence of the subject's previous message.
+// False when the headers say none, several, or a check on another subject.
+func ExpectedOnSubject(header nats.Header, subject string) (uint64, bool) {
+	values := header[jetstream.ExpectedLastSubjSeqHeader]
+	if len(values) != 1 {
+		return 0, false
+	}
+	if other := header[HeaderExpectedLastSubjSeqSubject]; len(other) != 0 && other[0] != subject {
+		return 0, false
+	}
+	seq, err := strconv.ParseUint(values[0], 10, 64)
+	return seq, err == nil
+}
+
 // Appended is where an appended event landed.
 type Appended struct {
 	// Seq is the event's stream sequence. For a duplicate, it is the
