@@ -13,8 +13,8 @@ func newHostCommand(flags *clientFlags) *cobra.Command {
 	register := &cobra.Command{
 		Use: "register NAME --cpu N --mem MIB [--key PUBLIC]", Short: "Register a host, its capacity and its key", Args: cobra.ExactArgs(1),
 		Long: `loom host register records a host and the capacity it offers. With --key, the
-public half of the host's key (what loom agent --host-key logs at start, and
-writes beside the key file as FILE.pub), every observation on the host's
+public half of the host's key (what loom agent logs at start, and finds beside
+the key file as FILE.pub: its NATS identity's agent-HOST.pub, or --host-key's), every observation on the host's
 subjects must be signed by that key from then on: the read models flag and
 skip any that is not (unsigned, forged, or an old one published again), and
 loom audit verify names it. Without a key the host is in the legacy mode: its
@@ -35,7 +35,7 @@ once registered, cannot be changed or removed that way.`,
 	register.Flags().IntVar(&reg.CPU, "cpu", 0, "CPUs the host offers")
 	register.Flags().IntVar(&reg.MemoryMiB, "mem", 0, "memory the host offers, MiB")
 	register.Flags().StringVar(&reg.Address, "addr", "", "the host's tunnel endpoint address")
-	register.Flags().StringVar(&reg.Key, "key", "", "the public half of the host's key, U… (the agent's --host-key FILE.pub)")
+	register.Flags().StringVar(&reg.Key, "key", "", "the public half of the host's key, U… (the agent's agent-HOST.pub, or its --host-key FILE.pub)")
 
 	cordon := func(uncordon bool) *cobra.Command {
 		verb, short := events.VerbCordon, "Stop placing new VMs on a host"

@@ -120,7 +120,7 @@ func RunAgent(ctx context.Context, conn *Connection, cfg AgentConfig, log *slog.
 // public key the host must be registered with. Nil without a key file.
 func loadHostKey(cfg AgentConfig, log *slog.Logger) (*hostkey.Key, error) {
 	if cfg.HostKey == "" {
-		log.Warn("no --host-key: this agent's observations are not signed, and are flagged once the host is registered with a key",
+		log.Warn("no host key (neither --host-key nor the agent's NATS identity): this agent's observations are not signed, and are flagged once the host is registered with a key",
 			"host", cfg.Host)
 		return nil, nil
 	}
