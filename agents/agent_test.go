@@ -332,6 +332,48 @@ func TestAgent_LibvirtUnavailable(t *testing.T) {
 	checkSubject(t, s.bus.JS, vmSubject("h1", "vm1"))
 }
 
+// A converged VM whose look at libvirtd is cut off by the connection
+// dropping has nothing to report: nothing is known to have changed. A
+// failed report would tell the control plane its running VM is down
+// whenever libvirtd restarts at the wrong moment.
+func TestAgent_ConnectionLostMidLookOfAConvergedVM(t *testing.T) {
+	s := newFakeSetup(t, "h1")
+	option, reconciles := countReconciles("vm1")
+	a := startAgent(t, s.cfg, option)
+	uid := events.DeriveUID("t", "vm1")
+	publishGoal(t, s.bus.JS, goalOf("h1", "vm1", uid, events.DesiredRunning, 10))
+	waitObserved(t, s.bus.JS, "h1", "vm1", 10, events.ObservedRunning)
+
+	// The next look at vm1 takes libvirtd away under it; a libvirt event
+	// makes the agent look.
+	var lost atomic.Bool
+	s.host.setFail(func(op, name string) error {
+		if op == "lookup" && name == "vm1" && lost.CompareAndSwap(false, true) {
+			s.host.kill()
+		}
+		return nil
+	})
+	s.host.setState("vm1", libvirt.StateRunning, "resumed")
+	waitFor(t, 5*time.Second, func() error {
+		if !lost.Load() || metricValue(t, a.Agent, "loom_agent_libvirt_connected", nil) != 0 {
+			return errors.New("libvirtd not lost yet")
+		}
+		return nil
+	})
+	before := reconciles.Load()
+	s.host.revive()
+	// The reconnection looks at every VM again.
+	waitFor(t, 5*time.Second, func() error {
+		if reconciles.Load() == before {
+			return errors.New("vm1 not looked at since libvirtd came back")
+		}
+		return nil
+	})
+	if obs := observations(t, s.bus.JS, "h1", "vm1"); len(obs) != 1 {
+		t.Fatalf("observations = %+v, want only running", obs)
+	}
+}
+
 func TestAgent_DriftBackoff(t *testing.T) {
 	s := newFakeSetup(t, "h1")
 	s.cfg.RetryBackoff, s.cfg.MaxRetryBackoff = 300*time.Millisecond, time.Second

@@ -161,6 +161,12 @@ func (a *Agent) reconcileGoal(ctx context.Context, name string, v vmRecord) (con
 	}
 
 	dom, found, err := lookup(ctx, hv, name)
+	if err != nil && unavailable(err) && converged(v) {
+		// The connection went while looking: as when it is already
+		// gone, a converged VM has nothing new to report; the retry or
+		// the reconnection looks again.
+		return false, err
+	}
 	if err != nil {
 		return true, a.fail(ctx, name, goal, err)
 	}
