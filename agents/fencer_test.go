@@ -2,7 +2,9 @@ package agents
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -36,10 +38,26 @@ func TestFencer_FencesWhenTheAgentIsGone(t *testing.T) {
 						t.Error(err)
 					}
 				})
+				// The agent's first renewal must find the fencer listening.
+				waitFor(t, 5*time.Second, func() error {
+					_, err := os.Stat(s.cfg.FenceSocket)
+					return err
+				})
 			}
 			a := startAgent(t, s.cfg)
 			publishGoal(t, s.bus.JS, goalOf("h1", "vm1", events.DeriveUID("t", "vm1"), events.DesiredRunning, 10))
 			waitObserved(t, s.bus.JS, "h1", "vm1", 10, events.ObservedRunning)
+			if withFencer {
+				// A fencer that never heard a deadline has none to keep.
+				waitFor(t, 5*time.Second, func() error {
+					f.mu.Lock()
+					defer f.mu.Unlock()
+					if f.deadline == 0 {
+						return errors.New("the fencer has heard no deadline yet")
+					}
+					return nil
+				})
+			}
 			a.stop(t) // no agent from here on: only the fencer can act
 
 			// The last deadline lies at most TTL - margin ahead.
