@@ -173,7 +173,7 @@ func records(t testing.TB, js jetstream.JetStream, subject string) []events.Reco
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	msgs, err := readSubject(ctx, js, events.StreamEvents, subject)
+	msgs, err := bus.ReadSubject(ctx, js, events.StreamEvents, subject)
 	if err != nil {
 		t.Fatalf("read %s: %v", subject, err)
 	}

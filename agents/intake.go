@@ -131,13 +131,14 @@ func (a *Agent) consumeGoals(ctx context.Context) error {
 	if len(info.State.Subjects) == 0 {
 		a.completeSnapshot()
 	}
-	cons, err := stream.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
+	cons, err := bus.OrderedConsumer(ctx, a.cfg.JS, stream, jetstream.OrderedConsumerConfig{
 		FilterSubjects: []string{filter},
 		DeliverPolicy:  jetstream.DeliverLastPerSubjectPolicy,
 	})
 	if err != nil {
 		return fmt.Errorf("follow %s: %w", filter, err)
 	}
+	defer bus.Forget(a.cfg.JS, events.StreamGoals, cons)
 	msgs, err := cons.Messages()
 	if err != nil {
 		return fmt.Errorf("follow %s: %w", filter, err)
@@ -237,45 +238,5 @@ func (a *Agent) completeSnapshot() {
 	if first {
 		a.log.Info("goal snapshot complete", "goals", goals)
 		a.queue.add(orphanScanKey, time.Time{})
-	}
-}
-
-// readSubject reads every message stored on subject, oldest first.
-func readSubject(ctx context.Context, js jetstream.JetStream, stream, subject string) ([]bus.Message, error) {
-	s, err := js.Stream(ctx, stream)
-	if err != nil {
-		return nil, fmt.Errorf("stream %s: %w", stream, err)
-	}
-	info, err := s.Info(ctx, jetstream.WithSubjectFilter(subject))
-	if err != nil {
-		return nil, fmt.Errorf("stream %s info: %w", stream, err)
-	}
-	if info.State.Subjects[subject] == 0 {
-		return nil, nil
-	}
-	cons, err := s.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{FilterSubjects: []string{subject}})
-	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", subject, err)
-	}
-	defer bus.Forget(js, stream, cons)
-	it, err := cons.Messages()
-	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", subject, err)
-	}
-	defer it.Stop()
-	var out []bus.Message
-	for {
-		msg, err := it.Next(jetstream.NextContext(ctx))
-		if err != nil {
-			return nil, fmt.Errorf("read %s: %w", subject, err)
-		}
-		meta, err := msg.Metadata()
-		if err != nil {
-			return nil, fmt.Errorf("read %s: metadata: %w", subject, err)
-		}
-		out = append(out, bus.Message{Seq: meta.Sequence.Stream, Subject: msg.Subject(), Header: msg.Headers(), Data: msg.Data(), Time: meta.Timestamp})
-		if meta.NumPending == 0 {
-			return out, nil
-		}
 	}
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/loomctl/loom/agents/overlay"
 	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/bus"
 )
 
 // Virtual networks on this host. An agent with a tunnel endpoint follows
@@ -66,10 +67,11 @@ func (a *Agent) consumeNets(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	cons, err := stream.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{FilterSubjects: []string{filter}})
+	cons, err := bus.OrderedConsumer(ctx, a.cfg.JS, stream, jetstream.OrderedConsumerConfig{FilterSubjects: []string{filter}})
 	if err != nil {
 		return fmt.Errorf("follow %s: %w", filter, err)
 	}
+	defer bus.Forget(a.cfg.JS, events.StreamEvents, cons)
 	msgs, err := cons.Messages()
 	if err != nil {
 		return fmt.Errorf("follow %s: %w", filter, err)

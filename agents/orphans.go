@@ -23,7 +23,7 @@ func (a *Agent) loadOrphans(ctx context.Context) error {
 	// TODO(loom): this reads the subject's whole history; a periodic
 	// snapshot event of the orphan set would bound it.
 	subject := a.hostSubject()
-	msgs, err := readSubject(ctx, a.cfg.JS, events.StreamEvents, subject)
+	msgs, err := bus.ReadSubject(ctx, a.cfg.JS, events.StreamEvents, subject)
 	if err != nil {
 		return fmt.Errorf("read own host observations: %w", err)
 	}

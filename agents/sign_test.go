@@ -48,7 +48,7 @@ func TestAgent_SignsEveryObservation(t *testing.T) {
 	}
 	signed := 0
 	for _, subject := range []string{subject, events.ObservationSubject("h1", events.KindHost, "h1")} {
-		msgs, err := readSubject(ctx, s.bus.JS, events.StreamEvents, subject)
+		msgs, err := bus.ReadSubject(ctx, s.bus.JS, events.StreamEvents, subject)
 		if err != nil {
 			t.Fatal(err)
 		}

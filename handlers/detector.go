@@ -104,13 +104,14 @@ func (d *detector) follow(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	cons, err := stream.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
+	cons, err := bus.OrderedConsumer(ctx, d.s.cfg.JS, stream, jetstream.OrderedConsumerConfig{
 		FilterSubjects: []string{events.LivenessWildcard},
 		DeliverPolicy:  jetstream.DeliverLastPerSubjectPolicy,
 	})
 	if err != nil {
 		return err
 	}
+	defer bus.Forget(d.s.cfg.JS, events.StreamLiveness, cons)
 	// One long-lived subscription (a Next with a timeout on an ordered
 	// consumer makes a new server-side consumer each call), read by a
 	// goroutine, so that this one alone touches the detector's state.

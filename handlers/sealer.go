@@ -141,19 +141,29 @@ func (s *Sealer) follow(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	cons, err := stream.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
+	cons, err := bus.OrderedConsumer(ctx, s.cfg.JS, stream, jetstream.OrderedConsumerConfig{
 		DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: last.to + 1})
 	if err != nil {
 		return err
 	}
+	defer bus.Forget(s.cfg.JS, events.StreamEvents, cons)
+	// One long-lived subscription: a Fetch on an ordered consumer makes a
+	// new server-side consumer each call, and deletes the one before.
+	iter, err := cons.Messages(jetstream.PullMaxMessages(sealFetch))
+	if err != nil {
+		return err
+	}
+	defer iter.Stop()
+	defer context.AfterFunc(ctx, iter.Stop)()
 	chain := audit.NewChain(last.to, last.root)
-	sealedAt := s.cfg.Now()
-	for ctx.Err() == nil {
-		batch, err := cons.Fetch(sealFetch, jetstream.FetchMaxWait(s.cfg.Every))
-		if err != nil {
-			return err
-		}
-		for msg := range batch.Messages() {
+	// checked is when the sealer last sealed, or found nothing to seal:
+	// a seal comes at most once per Every, however the appends trickle in.
+	checked := s.cfg.Now()
+	for {
+		wait := s.cfg.Every - s.cfg.Now().Sub(checked)
+		msg, err := iter.Next(jetstream.NextMaxWait(max(wait, time.Millisecond)))
+		switch {
+		case err == nil:
 			meta, err := msg.Metadata()
 			if err != nil {
 				return err
@@ -166,20 +176,22 @@ func (s *Sealer) follow(ctx context.Context) error {
 				if last, err = s.seal(ctx, last, chain); err != nil {
 					return err
 				}
-				sealedAt = s.cfg.Now()
+				checked = s.cfg.Now()
 			}
-		}
-		if err := batch.Error(); err != nil && !errors.Is(err, nats.ErrTimeout) {
+		case ctx.Err() != nil:
+			return nil
+		case !errors.Is(err, nats.ErrTimeout):
 			return err
 		}
-		if s.cfg.Now().Sub(sealedAt) >= s.cfg.Every && sealable(last, chain) {
-			if last, err = s.seal(ctx, last, chain); err != nil {
-				return err
+		if s.cfg.Now().Sub(checked) >= s.cfg.Every {
+			if sealable(last, chain) {
+				if last, err = s.seal(ctx, last, chain); err != nil {
+					return err
+				}
 			}
-			sealedAt = s.cfg.Now()
+			checked = s.cfg.Now()
 		}
 	}
-	return nil
 }
 
 // sealable tells whether anything but the last seal itself is unsealed:

@@ -189,8 +189,37 @@ func startFleet(t *testing.T, qemu bool, daemonIndexes ...int) *fleet {
 			h.agent.stop(t)
 		}
 		f.plane.stop(t)
+		f.checkNoConsumersLeft()
 	})
 	return f
+}
+
+// checkNoConsumersLeft fails the test if a stream still has a consumer
+// once the control plane and the agents have stopped: each reader deletes
+// its own, or a restart loop would leave them to pile up on the server
+// for minutes, up to a stream's limit.
+func (f *fleet) checkNoConsumersLeft() {
+	f.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, name := range []string{events.StreamEvents, events.StreamGoals, events.StreamLiveness} {
+		stream, err := f.conn.JS.Stream(ctx, name)
+		if err != nil {
+			f.t.Errorf("stream %s: %v", name, err)
+			continue
+		}
+		var left []string
+		list := stream.ListConsumers(ctx)
+		for info := range list.Info() {
+			left = append(left, fmt.Sprintf("%s (filter %q%q)", info.Name, info.Config.FilterSubject, info.Config.FilterSubjects))
+		}
+		if err := list.Err(); err != nil {
+			f.t.Errorf("list the consumers of %s: %v", name, err)
+		}
+		if len(left) > 0 {
+			f.t.Errorf("stream %s keeps %d consumers after everything stopped: %v", name, len(left), left)
+		}
+	}
 }
 
 func (f *fleet) startPlane() {

@@ -11,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/bus"
 )
 
 // publishWindow is how many messages PublishHistory has in flight.
@@ -129,10 +130,11 @@ func replayDecoding(ctx context.Context, js jetstream.JetStream, last uint64) (t
 		return 0, fmt.Errorf("replay: %w", err)
 	}
 	start := time.Now()
-	consumer, err := stream.OrderedConsumer(ctx, orderedConfig(1))
+	consumer, err := bus.OrderedConsumer(ctx, js, stream, orderedConfig(1))
 	if err != nil {
 		return 0, fmt.Errorf("replay: %w", err)
 	}
+	defer bus.Forget(js, events.StreamEvents, consumer)
 	done := make(chan struct{})
 	var once sync.Once
 	consume, err := consumer.Consume(func(msg jetstream.Msg) {

@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/bus"
 	"github.com/loomctl/loom/events/hostkey"
 )
 
@@ -240,6 +241,8 @@ type feed struct {
 	// quit ends the callback's wait to hand a delivery over.
 	quit     chan struct{}
 	consumer jetstream.ConsumeContext
+	// forget deletes the server's consumer once the feed has stopped.
+	forget func()
 }
 
 // subscribe starts an ordered consumer on LOOM_EVENTS from seq on. It
@@ -250,11 +253,12 @@ func (s *Store) subscribe(ctx context.Context, js jetstream.JetStream, from uint
 	if err != nil {
 		return nil, fmt.Errorf("look up stream %s: %w", events.StreamEvents, err)
 	}
-	consumer, err := stream.OrderedConsumer(ctx, orderedConfig(from))
+	consumer, err := bus.OrderedConsumer(ctx, js, stream, orderedConfig(from))
 	if err != nil {
 		return nil, fmt.Errorf("ordered consumer on %s from %d: %w", events.StreamEvents, from, err)
 	}
-	f := &feed{deliveries: make(chan delivery, 2*s.opts.MaxBatch), failed: make(chan struct{}), quit: make(chan struct{})}
+	f := &feed{deliveries: make(chan delivery, 2*s.opts.MaxBatch), failed: make(chan struct{}), quit: make(chan struct{}),
+		forget: func() { bus.Forget(js, events.StreamEvents, consumer) }}
 	var once sync.Once
 	fail := func(err error) {
 		once.Do(func() {
@@ -281,6 +285,7 @@ func (s *Store) subscribe(ctx context.Context, js jetstream.JetStream, from uint
 		}
 	}))
 	if err != nil {
+		f.forget()
 		return nil, fmt.Errorf("consume %s from %d: %w", events.StreamEvents, from, err)
 	}
 	go func() {
@@ -298,6 +303,7 @@ func (f *feed) stop() {
 	close(f.quit)
 	f.consumer.Stop()
 	<-f.consumer.Closed()
+	f.forget()
 }
 
 // orderedConfig is the consumer of both the runner and the replay

@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/bus"
 )
 
 func newAuditCommand(flags *clientFlags) *cobra.Command {
@@ -76,7 +77,7 @@ func exportEvents(ctx context.Context, c *client, path string) (int, uint64, err
 	if _, err := f.Seek(keep, io.SeekStart); err != nil {
 		return 0, 0, err
 	}
-	_, stream, info, err := c.eventsStream(ctx)
+	js, stream, info, err := c.eventsStream(ctx)
 	if err != nil {
 		return 0, 0, err
 	}
@@ -84,10 +85,11 @@ func exportEvents(ctx context.Context, c *client, path string) (int, uint64, err
 	if from > end {
 		return 0, from, nil
 	}
-	cons, err := stream.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: from})
+	cons, err := bus.OrderedConsumer(ctx, js, stream, jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: from})
 	if err != nil {
 		return 0, 0, err
 	}
+	defer bus.Forget(js, events.StreamEvents, cons)
 	iter, err := cons.Messages()
 	if err != nil {
 		return 0, 0, err

@@ -182,10 +182,11 @@ func readStream(ctx context.Context, js jetstream.JetStream, last uint64, add fu
 	if err != nil {
 		return 0, err
 	}
-	cons, err := stream.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverAllPolicy})
+	cons, err := bus.OrderedConsumer(ctx, js, stream, jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverAllPolicy})
 	if err != nil {
 		return 0, err
 	}
+	defer bus.Forget(js, events.StreamEvents, cons)
 	var (
 		n    uint64
 		once sync.Once

@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/loomctl/loom/events"
+	"github.com/loomctl/loom/events/bus"
 )
 
 // tailFlags select which events `loom events tail` shows.
@@ -78,7 +79,7 @@ func newEventsCommand(flags *clientFlags) *cobra.Command {
 }
 
 func tailEvents(ctx context.Context, c *client, tf tailFlags, w io.Writer) error {
-	_, stream, info, err := c.eventsStream(ctx)
+	js, stream, info, err := c.eventsStream(ctx)
 	if err != nil {
 		return err
 	}
@@ -105,10 +106,11 @@ func tailEvents(ctx context.Context, c *client, tf tailFlags, w io.Writer) error
 			events.EventSubject(events.KindVM, "*"), events.EventSubject(events.KindLease, ">")}
 		onHost = newHostFilter(tf.host)
 	}
-	cons, err := stream.OrderedConsumer(ctx, cfg)
+	cons, err := bus.OrderedConsumer(ctx, js, stream, cfg)
 	if err != nil {
 		return err
 	}
+	defer bus.Forget(js, events.StreamEvents, cons)
 	end := info.State.LastSeq
 	if tf.noFollow && (end == 0 || cfg.OptStartSeq > end) {
 		return nil
