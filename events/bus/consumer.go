@@ -16,10 +16,10 @@ import (
 // loop, would use them all up. So each reader makes its consumer with
 // OrderedConsumer and deletes it with Forget when it stops.
 
-// OrderedConsumer makes an ordered consumer of s. A creation cut short by ctx may still land on the server, with no
-// consumer value left to delete it by; so the consumer gets a name
-// prefix of its own, and a failed creation deletes what it may have made
-// under that name.
+// OrderedConsumer makes an ordered consumer of s. A creation cut short by
+// ctx may still land on the server, with no consumer value left to delete
+// it by; so the consumer gets a name prefix of its own, and a failed
+// creation deletes what it may have made under that name.
 func OrderedConsumer(ctx context.Context, js jetstream.JetStream, s jetstream.Stream, cfg jetstream.OrderedConsumerConfig) (jetstream.Consumer, error) {
 	if cfg.NamePrefix == "" {
 		cfg.NamePrefix = nuid.Next()
