@@ -50,10 +50,22 @@ func forgetName(js jetstream.JetStream, stream, name string) {
 	_ = js.DeleteConsumer(ctx, stream, name)
 }
 
-// readCaughtUp reads what an ordered consumer of s with cfg delivers, up
-// to the message after which nothing was pending.
-func readCaughtUp(ctx context.Context, js jetstream.JetStream, s jetstream.Stream, stream string, cfg jetstream.OrderedConsumerConfig) ([]Message, error) {
-	cons, err := OrderedConsumer(ctx, js, s, cfg)
+// readCaughtUp reads what an ordered consumer of stream filtered to
+// filter delivers by policy, up to the message after which nothing was
+// pending; nothing, without making a consumer, if no message matches.
+func readCaughtUp(ctx context.Context, js jetstream.JetStream, stream, filter string, policy jetstream.DeliverPolicy) ([]Message, error) {
+	s, err := js.Stream(ctx, stream)
+	if err != nil {
+		return nil, fmt.Errorf("stream %s: %w", stream, err)
+	}
+	info, err := s.Info(ctx, jetstream.WithSubjectFilter(filter))
+	if err != nil {
+		return nil, fmt.Errorf("stream %s info: %w", stream, err)
+	}
+	if len(info.State.Subjects) == 0 {
+		return nil, nil
+	}
+	cons, err := OrderedConsumer(ctx, js, s, jetstream.OrderedConsumerConfig{FilterSubjects: []string{filter}, DeliverPolicy: policy})
 	if err != nil {
 		return nil, err
 	}

@@ -12,21 +12,7 @@ import (
 // MaxMsgsPerSubject stream such as LOOM_GOALS, or the newest report on
 // each of an agent's observation subjects.
 func LastPerSubject(ctx context.Context, js jetstream.JetStream, stream, filter string) ([]Message, error) {
-	s, err := js.Stream(ctx, stream)
-	if err != nil {
-		return nil, fmt.Errorf("stream %s: %w", stream, err)
-	}
-	info, err := s.Info(ctx, jetstream.WithSubjectFilter(filter))
-	if err != nil {
-		return nil, fmt.Errorf("stream %s info: %w", stream, err)
-	}
-	if info.State.Msgs == 0 || len(info.State.Subjects) == 0 {
-		return nil, nil
-	}
-	msgs, err := readCaughtUp(ctx, js, s, stream, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{filter},
-		DeliverPolicy:  jetstream.DeliverLastPerSubjectPolicy,
-	})
+	msgs, err := readCaughtUp(ctx, js, stream, filter, jetstream.DeliverLastPerSubjectPolicy)
 	if err != nil {
 		return nil, fmt.Errorf("snapshot %s %s: %w", stream, filter, err)
 	}
@@ -36,18 +22,7 @@ func LastPerSubject(ctx context.Context, js jetstream.JetStream, stream, filter 
 // ReadSubject reads every message stored on subject of stream, oldest
 // first.
 func ReadSubject(ctx context.Context, js jetstream.JetStream, stream, subject string) ([]Message, error) {
-	s, err := js.Stream(ctx, stream)
-	if err != nil {
-		return nil, fmt.Errorf("stream %s: %w", stream, err)
-	}
-	info, err := s.Info(ctx, jetstream.WithSubjectFilter(subject))
-	if err != nil {
-		return nil, fmt.Errorf("stream %s info: %w", stream, err)
-	}
-	if info.State.Subjects[subject] == 0 {
-		return nil, nil
-	}
-	msgs, err := readCaughtUp(ctx, js, s, stream, jetstream.OrderedConsumerConfig{FilterSubjects: []string{subject}})
+	msgs, err := readCaughtUp(ctx, js, stream, subject, jetstream.DeliverAllPolicy)
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", subject, err)
 	}
