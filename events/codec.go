@@ -8,6 +8,7 @@ import (
 	"maps"
 	"reflect"
 	"slices"
+	"sync"
 
 	"github.com/vmihailenco/msgpack/v5"
 )
@@ -67,11 +68,22 @@ func registerSortedMap[V any]() {
 // Unmarshal decodes msgpack data into v. Unknown fields are ignored, so a
 // reader tolerates fields added by a newer writer of the same version.
 func Unmarshal(data []byte, v any) error {
-	if err := msgpack.Unmarshal(data, v); err != nil {
-		return fmt.Errorf("msgpack decode %T: %w", v, err)
+	dec := decoders.Get().(*msgpack.Decoder)
+	dec.Reset(bytes.NewReader(data))
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("msgpack decode %T: %w", v, err) // dec is dropped
 	}
+	dec.Reset(nil)
+	decoders.Put(dec)
 	return nil
 }
+
+// decoders are Unmarshal's msgpack decoders. msgpack.Unmarshal pools its
+// own, but returns one that failed inside a raw-message decode (an
+// envelope's payload cut short) to its pool still recording: every later
+// decode on it appends all it reads to one buffer (msgpack v5.4.1). A
+// decoder goes back to this pool only after a decode that succeeded.
+var decoders = sync.Pool{New: func() any { return msgpack.NewDecoder(nil) }}
 
 // Format is the encoding of a request or reply body.
 type Format int
