@@ -13,7 +13,7 @@ import (
 // place (see hostkey.Claim for what a checker may take of it).
 func ReadClaim(v *hostkey.Verifier, header nats.Header, subject string, digest []byte) hostkey.Claim {
 	var c hostkey.Claim
-	value := first(header, events.HeaderSig)
+	value := header.Get(events.HeaderSig)
 	if value == "" {
 		return c
 	}
@@ -21,7 +21,7 @@ func ReadClaim(v *hostkey.Verifier, header nats.Header, subject string, digest [
 	if c.Decoded = v.Decode(&c.Sig, value); !c.Decoded {
 		return c
 	}
-	c.Signer = first(header, events.HeaderSigKey)
+	c.Signer = header.Get(events.HeaderSigKey)
 	prev, placed := ExpectedOnSubject(header, subject)
 	if !placed {
 		return c
@@ -33,12 +33,4 @@ func ReadClaim(v *hostkey.Verifier, header nats.Header, subject string, digest [
 	c.PrevSeq, c.Checked = prev, true
 	c.Valid = v.Verify(key, subject, prev, digest, &c.Sig)
 	return c
-}
-
-// first is the first value of a header, or "".
-func first(header nats.Header, name string) string {
-	if values := header[name]; len(values) > 0 {
-		return values[0]
-	}
-	return ""
 }
