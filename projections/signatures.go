@@ -75,14 +75,8 @@ func (b *batch) checkSignature(d *delivery) error {
 			reason: fmt.Sprintf("not signed, but host %s is registered with key %s: is its agent running without --host-key?", d.addr.Host, key)}
 	}
 	valid := false
-	switch {
-	case !sig.Decoded:
-	case sig.Checked && sig.Signer == key && sig.PrevSeq == prev.Seq:
-		valid = sig.Valid
-	default:
-		if pub, err := b.r.keys.Key(key); err == nil {
-			valid = b.r.keys.Verify(pub, subject, prev.Seq, d.hash, &sig.Sig)
-		}
+	if pub, err := b.r.keys.Key(key); err == nil {
+		valid = sig.HoldsFor(b.r.keys, key, pub, subject, prev.Seq, d.hash)
 	}
 	chained := bytes.Equal(d.rec.Envelope.PrevHash, prev.Hash)
 	switch {

@@ -71,16 +71,12 @@ func (v *Verifier) observation(m *Message, env *events.Envelope, hash *Hash) boo
 		v.problem(m.Seq, m.Subject, events.CodeUnsignedObservation, "not signed, but host %s is registered with key %s", host, key.public)
 		return false
 	}
-	var valid bool
-	if c := &m.pre.claim; c.Checked && c.Signer == key.public && c.PrevSeq == prev.seq {
-		// Worked out ahead for this very key and place (ahead.go).
-		valid = c.Valid
-	} else {
-		var sig [hostkey.SignatureSize]byte
-		valid = v.sigs.Decode(&sig, value) && v.sigs.Verify(key.key, m.Subject, prev.seq, hash[:], &sig)
+	claim := m.pre.claim // read ahead, if it was (ahead.go)
+	if !m.pre.done {
+		claim.Decoded = v.sigs.Decode(&claim.Sig, value)
 	}
 	switch {
-	case valid:
+	case claim.HoldsFor(v.sigs, key.public, key.key, m.Subject, prev.seq, hash[:]):
 		v.report.Signed++
 		return true
 	case bytes.Equal(env.PrevHash, prev.hash[:]) || (prev.seq == 0 && len(env.PrevHash) == 0):
